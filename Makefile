@@ -1,0 +1,51 @@
+# One command per workflow. CI runs `make test` through .ci/run on a fresh machine, so every tool the
+# targets need is installed here: the virtual environments from the requirements files, Azurite from
+# package-lock.json.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INFRA_VENV := .venv-infra
+
+.PHONY: run test lint bench deps clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(INFRA_VENV)/.installed: requirements-infra.txt
+	test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(INFRA_VENV)/bin/python -m pip install --quiet -r requirements-infra.txt
+	touch $@
+
+deps: $(VENV)/.installed node_modules/.installed
+
+## Run the broker on 127.0.0.1:7071 (with Azurite and the sandbox unless real Azure is configured).
+run: deps
+	$(PY) -m sandbox.devrun
+
+## The whole test suite: unit, end-to-end through the sandbox and Azurite, Functions indexing.
+test: deps
+	$(PY) -m pytest
+
+## Style, types, and offline validation of the Bicep templates.
+lint: deps $(INFRA_VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(INFRA_VENV)/bin/python infra/validate.py
+
+## Benchmarks; each prints its figures against a baseline measured in the same run.
+bench: deps
+	$(PY) bench/token.py
+	$(PY) bench/sync.py
+
+clean:
+	rm -rf $(VENV) $(INFRA_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
