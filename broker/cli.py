@@ -1,0 +1,141 @@
+"""``python -m broker``: serve the HTTP app, manage the tenant registry.
+
+Settings are read as the Functions host would (environment over ``local.settings.json``); a missing or
+malformed setting is reported by name, all at once, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from broker import wiring
+from broker.errors import BrokerError
+from broker.settings import Settings, SettingsError
+from broker.tokens import admin_consent_url
+
+# Commands other than ``serve`` answer no HTTP request; they run as the local operator.
+_NO_LISTENER = "127.0.0.1"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API with uvicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7071)
+    serve.set_defaults(run=_serve)
+
+    tenants = commands.add_parser("tenants", help="manage the tenant registry").add_subparsers(
+        dest="action", required=True
+    )
+    add = tenants.add_parser("add", help="register a customer tenant")
+    add.add_argument("name", help="short name: lowercase letters, digits, hyphens")
+    add.add_argument("tenant_id", help="the customer's tenant GUID")
+    add.add_argument("--api", choices=("defender", "graph"), default="defender", help="incident API to sync")
+    add.add_argument("--defender-url", default=None, help="regional Defender API host (https://eu.api.…)")
+    add.set_defaults(run=_tenants_add)
+    tenants.add_parser("list", help="list registered tenants").set_defaults(run=_tenants_list)
+    for action, enabled in (("enable", True), ("disable", False)):
+        switch = tenants.add_parser(action, help=f"{action} a tenant (kill switch)")
+        switch.add_argument("name")
+        switch.set_defaults(run=_tenants_switch, enabled=enabled)
+    remove = tenants.add_parser("remove", help="remove a tenant from the registry")
+    remove.add_argument("name")
+    remove.set_defaults(run=_tenants_remove)
+    check = tenants.add_parser("check", help="check consent: acquire a token for every allowed scope")
+    check.add_argument("name", nargs="?", help="one tenant (default: all)")
+    check.set_defaults(run=_tenants_check)
+
+    args = parser.parse_args(argv)
+    _configure_logging(verbose=args.command == "serve")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except SettingsError as exc:
+        print("The broker's settings are not usable:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(*, verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _container(bind_host: str = _NO_LISTENER) -> wiring.Container:
+    container = wiring.build(Settings.from_environ(), bind_host=bind_host)
+    wiring.install(container)
+    return container
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from broker.api import create_app
+
+    _container(args.host)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def _tenants_add(args: argparse.Namespace) -> int:
+    c = _container()
+    tenant = c.tenants.add(args.name, args.tenant_id, api=args.api, defender_url=args.defender_url)
+    print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api}")
+    print("admin consent link (send to the customer's Global Administrator):")
+    print(f"  {admin_consent_url(c.settings.authority_host, tenant.tenant_id, c.settings.broker_client_id)}")
+    return 0
+
+
+def _tenants_list(args: argparse.Namespace) -> int:
+    tenants = _container().tenants.all()
+    print(f"{'NAME':<24} {'TENANT ID':<36} {'ENABLED':<7} API")
+    for t in tenants:
+        print(f"{t.name:<24} {t.tenant_id:<36} {'yes' if t.enabled else 'no':<7} {t.api}")
+    print(f"{len(tenants)} tenant(s)")
+    return 0
+
+
+def _tenants_switch(args: argparse.Namespace) -> int:
+    tenant = _container().tenants.set_enabled(args.name, args.enabled)
+    print(f"{tenant.name} {'enabled' if tenant.enabled else 'disabled'}")
+    return 0
+
+
+def _tenants_remove(args: argparse.Namespace) -> int:
+    _container().tenants.remove(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def _tenants_check(args: argparse.Namespace) -> int:
+    c = _container()
+    tenants = [c.tenants.resolve(args.name)] if args.name else c.tenants.all()
+    failures = 0
+    for tenant in tenants:
+        for scope in c.settings.allowed_scopes:
+            try:
+                token = c.issuer.acquire(tenant.tenant_id, scope)
+                status = f"ok expires_in={token.expires_in(time.time())}"
+            except BrokerError as exc:
+                failures += 1
+                status = f"{exc.code}: {exc.detail}"
+                if "consent_url" in exc.extensions:
+                    status += f"\n    consent: {exc.extensions['consent_url']}"
+            print(f"{tenant.name:<24} {scope:<48} {status}")
+    return 1 if failures else 0

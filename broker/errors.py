@@ -1,0 +1,251 @@
+"""The broker's errors: one tree, each class with its HTTP status and a stable ``code``.
+
+::
+
+    BrokerError (500 internal)
+    ├── RequestError                     the caller sent something we refuse, before any outbound call
+    │   ├── BadRequest (400 bad_request)
+    │   ├── InvalidJson (400 invalid_json)
+    │   ├── InvalidTenant (400 invalid_tenant)      not a GUID or a registered name's shape
+    │   ├── ScopeNotAllowed (400 scope_not_allowed)
+    │   ├── UnsupportedMediaType (415 unsupported_media_type)
+    │   ├── PayloadTooLarge (413 payload_too_large)
+    │   ├── MethodNotAllowed (405 method_not_allowed)
+    │   ├── UnknownTenant (404 unknown_tenant)      well-formed, not in the registry
+    │   └── NotFound (404 not_found)
+    ├── CallerError                      who is asking
+    │   ├── Unauthenticated (401 unauthenticated)
+    │   ├── Forbidden (403 forbidden)
+    │   ├── TenantDisabled (403 tenant_disabled)
+    │   ├── CallerDisabled (403 caller_disabled)
+    │   └── RateLimited (429 rate_limited)
+    ├── TenantStateError                 the customer tenant is not ready for us
+    │   ├── ConsentRequired (409 consent_required)  carries the admin-consent link
+    │   ├── TenantNotFound (409 tenant_not_found)   Entra does not know the registered GUID
+    │   └── RoleMissing (409 role_missing)          consented without the permission the scope needs
+    ├── UpstreamError                    Entra ID, Key Vault or the incident APIs failed us
+    │   ├── CredentialRejected (502 credential_rejected)
+    │   ├── TokenMismatch (502 token_mismatch)      an issued token is not for the tenant asked
+    │   ├── UpstreamThrottled (503 upstream_throttled)
+    │   ├── UpstreamUnavailable (503 upstream_unavailable)
+    │   └── CredentialUnavailable (503 credential_unavailable)
+    └── ServiceError                     the broker itself cannot serve right now
+        ├── NotConfigured (503 not_configured)
+        └── AuditUnavailable (503 audit_unavailable)
+
+A foreign failure is translated once, where it happens (``raise TokenMismatch(...) from exc``). The
+``detail`` is safe to show a caller: it never carries upstream text, secrets or tokens. Operators get the
+upstream detail in ``diagnostic``, which only reaches logs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class BrokerError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        diagnostic: str = "",
+        retry_after: int | None = None,
+        **extensions: Any,
+    ) -> None:
+        self.detail = detail or self.title
+        self.diagnostic = diagnostic
+        self.retry_after = retry_after
+        self.extensions = extensions
+        super().__init__(self.detail)
+
+    def problem(self, request_id: str = "") -> dict[str, Any]:
+        """The RFC 9457 problem document for this error."""
+        body: dict[str, Any] = {
+            "type": f"urn:partner-token-broker:problem:{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+        }
+        if request_id:
+            body["request_id"] = request_id
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        body.update(self.extensions)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Cache-Control": "no-store"}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        return headers
+
+    def render(self, request_id: str = "") -> bytes:
+        return json.dumps(self.problem(request_id), separators=(",", ":")).encode()
+
+
+class RequestError(BrokerError):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+
+class BadRequest(RequestError):
+    pass
+
+
+class InvalidJson(RequestError):
+    code = "invalid_json"
+    title = "The body is not valid JSON"
+
+
+class InvalidTenant(RequestError):
+    code = "invalid_tenant"
+    title = "The tenant must be a registered tenant name or tenant GUID"
+
+
+class ScopeNotAllowed(RequestError):
+    code = "scope_not_allowed"
+    title = "The scope is not one the broker issues"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "The body must be application/json"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+    title = "The body is too large"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class UnknownTenant(RequestError):
+    status = 404
+    code = "unknown_tenant"
+    title = "No such tenant is registered"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class CallerError(BrokerError):
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class Unauthenticated(CallerError):
+    status = 401
+    code = "unauthenticated"
+    title = "A valid bearer token for the broker is required"
+
+
+class Forbidden(CallerError):
+    pass
+
+
+class TenantDisabled(CallerError):
+    code = "tenant_disabled"
+    title = "The tenant is disabled"
+
+
+class CallerDisabled(CallerError):
+    code = "caller_disabled"
+    title = "The caller is disabled"
+
+
+class RateLimited(CallerError):
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests from this caller"
+
+
+class TenantStateError(BrokerError):
+    status = 409
+    code = "tenant_state"
+    title = "The tenant is not ready"
+
+
+class ConsentRequired(TenantStateError):
+    code = "consent_required"
+    title = "An administrator of the tenant has not consented to the app"
+
+
+class TenantNotFound(TenantStateError):
+    code = "tenant_not_found"
+    title = "Entra ID does not know the registered tenant"
+
+
+class RoleMissing(TenantStateError):
+    code = "role_missing"
+    title = "The tenant has not granted the permission the scope needs"
+
+
+class UpstreamError(BrokerError):
+    status = 502
+    code = "upstream_error"
+    title = "An upstream service failed"
+
+
+class CredentialRejected(UpstreamError):
+    code = "credential_rejected"
+    title = "Entra ID rejected the app's credential"
+
+
+class TokenMismatch(UpstreamError):
+    code = "token_mismatch"
+    title = "The issued token does not match the request"
+
+
+class UpstreamThrottled(UpstreamError):
+    status = 503
+    code = "upstream_throttled"
+    title = "The identity provider is throttling; retry later"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+    title = "An upstream service is unavailable; retry later"
+
+
+class CredentialUnavailable(UpstreamError):
+    status = 503
+    code = "credential_unavailable"
+    title = "The app's credential cannot be read from Key Vault"
+
+
+class ServiceError(BrokerError):
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class NotConfigured(ServiceError):
+    code = "not_configured"
+    title = "The broker is not configured"
+
+
+class AuditUnavailable(ServiceError):
+    code = "audit_unavailable"
+    title = "The audit log cannot be written; no token is issued without it"

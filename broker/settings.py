@@ -1,0 +1,333 @@
+"""Typed settings, parsed once, every problem reported at once and by name.
+
+Settings come from the process environment (Azure app settings arrive that way) laid over the ``Values``
+of ``local.settings.json`` when that file exists, as Azure Functions Core Tools does. ``SETTINGS`` is the
+catalogue: the README table, ``local.settings.sample.json`` and the Bicep templates are tested against it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+DEFENDER_SCOPE = "https://api.security.microsoft.com/.default"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+DEFAULT_SCOPE_ROLES = {DEFENDER_SCOPE: "Incident.Read.All", GRAPH_SCOPE: "SecurityIncident.Read.All"}
+AZURITE_CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+    "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+)
+_KV_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,19}$")
+_QUEUE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,40}$")
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or malformed; ``problems`` names each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One entry of the catalogue."""
+
+    name: str
+    description: str
+    default: str | None = None
+    required: bool = False
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("BROKER_CLIENT_ID", "Client ID (GUID) of the multi-tenant app registration.", required=True),
+    Setting("KEY_VAULT_URL", "https URL of the Key Vault holding the app's credential.", required=True),
+    Setting("CLIENT_CREDENTIAL_MODE", "`secret`, `certificate` or `federated` (managed identity).", "secret"),
+    Setting("CLIENT_SECRET_NAME", "Key Vault secret holding the app's client secret.", "broker-client-secret"),
+    Setting(
+        "CLIENT_CERTIFICATE_NAME",
+        "Key Vault certificate (its secret: PFX or PEM with the key) used in `certificate` mode.",
+        "broker-client-certificate",
+    ),
+    Setting(
+        "MANAGED_IDENTITY_CLIENT_ID",
+        "Client ID of the user-assigned identity for Key Vault (and the app credential in `federated` mode). "
+        "Empty: system-assigned identity, or developer login locally.",
+        "",
+    ),
+    Setting("AUTHORITY_HOST", "Entra ID authority host.", "https://login.microsoftonline.com"),
+    Setting(
+        "AzureWebJobsStorage",
+        "Storage connection string (`UseDevelopmentStorage=true` for Azurite). In Azure use the "
+        "identity-based `AzureWebJobsStorage__accountName` instead.",
+        "",
+        secret=True,
+    ),
+    Setting("AzureWebJobsStorage__accountName", "Storage account name for identity-based access.", ""),
+    Setting("STORAGE_PREFIX", "Prefix of the broker's tables, queues and containers.", "broker"),
+    Setting("ALLOWED_SCOPES", "Comma-separated scopes callers may ask for.", f"{DEFENDER_SCOPE},{GRAPH_SCOPE}"),
+    Setting(
+        "SCOPE_ROLES",
+        "JSON object: the app role each scope's tokens must carry (checked on every new token).",
+        json.dumps(DEFAULT_SCOPE_ROLES),
+    ),
+    Setting("SECRET_REFRESH_SECONDS", "How long a credential read from Key Vault is used before re-reading.", "300"),
+    Setting("CALLER_AUTH", "`entra` (callers present Entra tokens) or `none` (loopback development only).", "entra"),
+    Setting("CALLER_TENANT_ID", "Home tenant (GUID) of the internal callers; required with `entra`.", ""),
+    Setting("CALLER_AUDIENCE", "Audience of caller tokens (the broker's app ID URI or client ID).", ""),
+    Setting("CALLER_POLICY", "JSON policy: which caller may have which tenants and scopes.", ""),
+    Setting("CALLER_RATE_PER_MINUTE", "Token requests a caller may make per minute (token bucket).", "600"),
+    Setting("AUDIT_MODE", "`strict`: no token leaves unless its audit record was written; `best_effort`.", "strict"),
+    Setting("DEFENDER_API_URL", "Defender XDR API base URL.", "https://api.security.microsoft.com"),
+    Setting("GRAPH_API_URL", "Microsoft Graph base URL with version.", "https://graph.microsoft.com/v1.0"),
+    Setting("INCIDENT_SYNC_SCHEDULE", "NCRONTAB schedule of the incident prefetch timer.", "0 */5 * * * *"),
+    Setting("INCIDENT_SYNC_QUEUE", "Queue of per-tenant sync messages.", "incident-sync"),
+    Setting("SYNC_OVERLAP_SECONDS", "Watermark overlap window re-read on every sync.", "300"),
+    Setting("SYNC_LOOKBACK_DAYS", "How far back the first sync of a tenant reaches.", "30"),
+    Setting("SYNC_BUDGET_PER_MINUTE", "Incident API calls per tenant per minute (documented quota: 50).", "40"),
+    Setting("SYNC_BUDGET_PER_HOUR", "Incident API calls per tenant per hour (documented quota: 1,500).", "1200"),
+)
+SETTING_NAMES = frozenset(s.name for s in SETTINGS)
+
+
+class Secret:
+    """A string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+CredentialMode = Literal["secret", "certificate", "federated"]
+CallerAuth = Literal["none", "entra"]
+AuditMode = Literal["strict", "best_effort"]
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where the broker's tables, queues and blobs live: a connection string or an identity-based account."""
+
+    connection_string: Secret | None
+    account_name: str | None
+    prefix: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_client_id: str
+    key_vault_url: str
+    credential_mode: CredentialMode
+    client_secret_name: str
+    client_certificate_name: str
+    managed_identity_client_id: str | None
+    authority_host: str
+    storage: StorageSettings
+    allowed_scopes: tuple[str, ...]
+    scope_roles: Mapping[str, str]
+    secret_refresh_seconds: int
+    caller_auth: CallerAuth
+    caller_tenant_id: str | None
+    caller_audience: str | None
+    caller_policy: str
+    caller_rate_per_minute: int
+    audit_mode: AuditMode
+    defender_api_url: str
+    graph_api_url: str
+    sync_queue: str
+    sync_overlap_seconds: int
+    sync_lookback_days: int
+    sync_budget_per_minute: int
+    sync_budget_per_hour: int
+    raw: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse settings from ``environ`` (default: ``local.settings.json`` Values overlaid by os.environ)."""
+        return _Parser(environ if environ is not None else read_environment()).parse()
+
+
+def read_environment(cwd: Path | None = None) -> dict[str, str]:
+    """The process environment laid over ``local.settings.json`` ``Values`` (as Core Tools does)."""
+    merged: dict[str, str] = {}
+    path = (cwd or Path.cwd()) / "local.settings.json"
+    if path.is_file():
+        try:
+            values = json.loads(path.read_text(encoding="utf-8")).get("Values", {})
+        except (OSError, ValueError) as exc:
+            raise SettingsError([f"local.settings.json: cannot read it ({exc.__class__.__name__})"]) from exc
+        merged.update({str(k): str(v) for k, v in values.items()})
+    merged.update(os.environ)
+    return merged
+
+
+def is_guid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
+    except ValueError:
+        return False
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Parser:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.env = environ
+        self.problems: list[str] = []
+        self.defaults = {s.name: s.default or "" for s in SETTINGS}
+
+    def get(self, name: str) -> str:
+        value = self.env.get(name)
+        return (value if value is not None else self.defaults[name]).strip()
+
+    def fail(self, name: str, why: str) -> None:
+        self.problems.append(f"{name}: {why}")
+
+    def guid(self, name: str, *, required: bool) -> str:
+        value = self.get(name).lower()
+        if not value:
+            if required:
+                self.fail(name, "missing (a tenant or client GUID)")
+            return ""
+        if not is_guid(value):
+            self.fail(name, "not a GUID")
+        return value
+
+    def https_url(self, name: str, *, required: bool = True) -> str:
+        value = self.get(name).rstrip("/")
+        if not value:
+            if required:
+                self.fail(name, "missing (an https URL)")
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or "@" in parts.netloc:
+            self.fail(name, "not an https URL without credentials, query or fragment")
+        return value
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        raw = self.get(name)
+        try:
+            value = int(raw)
+        except ValueError:
+            self.fail(name, f"not an integer: {raw!r}")
+            return low
+        if not low <= value <= high:
+            self.fail(name, f"must be between {low} and {high}")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...]) -> str:
+        value = self.get(name).lower()
+        if value not in options:
+            self.fail(name, f"must be one of {', '.join(options)}")
+            return options[0]
+        return value
+
+    def pattern(self, name: str, regex: re.Pattern[str], what: str) -> str:
+        value = self.get(name)
+        if not regex.fullmatch(value):
+            self.fail(name, f"must be {what}")
+        return value
+
+    def parse(self) -> Settings:
+        mode = self.choice("CLIENT_CREDENTIAL_MODE", ("secret", "certificate", "federated"))
+        mi_client_id = self.guid("MANAGED_IDENTITY_CLIENT_ID", required=mode == "federated")
+        caller_auth = self.choice("CALLER_AUTH", ("entra", "none"))
+        scopes = tuple(s.strip() for s in self.get("ALLOWED_SCOPES").split(",") if s.strip())
+        if not scopes:
+            self.fail("ALLOWED_SCOPES", "no scope listed")
+        for scope in scopes:
+            if not scope.endswith("/.default") or not urlsplit(scope).scheme:
+                self.fail("ALLOWED_SCOPES", f"{scope!r} is not a resource '/.default' scope")
+        settings = Settings(
+            broker_client_id=self.guid("BROKER_CLIENT_ID", required=True),
+            key_vault_url=self.https_url("KEY_VAULT_URL", required=mode != "federated"),
+            credential_mode=mode,  # type: ignore[arg-type]
+            client_secret_name=self.pattern("CLIENT_SECRET_NAME", _KV_NAME, "a Key Vault secret name"),
+            client_certificate_name=self.pattern("CLIENT_CERTIFICATE_NAME", _KV_NAME, "a Key Vault name"),
+            managed_identity_client_id=mi_client_id or None,
+            authority_host=self.https_url("AUTHORITY_HOST"),
+            storage=self._storage(),
+            allowed_scopes=scopes,
+            scope_roles=self._scope_roles(scopes),
+            secret_refresh_seconds=self.integer("SECRET_REFRESH_SECONDS", 1, 86_400),
+            caller_auth=caller_auth,  # type: ignore[arg-type]
+            caller_tenant_id=self.guid("CALLER_TENANT_ID", required=caller_auth == "entra") or None,
+            caller_audience=self._caller_audience(required=caller_auth == "entra"),
+            caller_policy=self.get("CALLER_POLICY"),
+            caller_rate_per_minute=self.integer("CALLER_RATE_PER_MINUTE", 1, 1_000_000),
+            audit_mode=self.choice("AUDIT_MODE", ("strict", "best_effort")),  # type: ignore[arg-type]
+            defender_api_url=self.https_url("DEFENDER_API_URL"),
+            graph_api_url=self.https_url("GRAPH_API_URL"),
+            sync_queue=self.pattern("INCIDENT_SYNC_QUEUE", _QUEUE, "a storage queue name"),
+            sync_overlap_seconds=self.integer("SYNC_OVERLAP_SECONDS", 0, 86_400),
+            sync_lookback_days=self.integer("SYNC_LOOKBACK_DAYS", 1, 3650),
+            sync_budget_per_minute=self.integer("SYNC_BUDGET_PER_MINUTE", 1, 50),
+            sync_budget_per_hour=self.integer("SYNC_BUDGET_PER_HOUR", 1, 1500),
+            raw={k: v for k, v in self.env.items() if k in SETTING_NAMES},
+        )
+        if self.problems:
+            raise SettingsError(self.problems)
+        return settings
+
+    def _storage(self) -> StorageSettings:
+        connection = self.get("AzureWebJobsStorage")
+        account = self.get("AzureWebJobsStorage__accountName")
+        prefix = self.pattern("STORAGE_PREFIX", _PREFIX, "lowercase letters and digits, starting with a letter")
+        if connection.lower().replace(" ", "") == "usedevelopmentstorage=true":
+            connection = AZURITE_CONNECTION_STRING
+        if not connection and not account:
+            self.fail("AzureWebJobsStorage", "missing (or set AzureWebJobsStorage__accountName)")
+        if account and not re.fullmatch(r"[a-z0-9]{3,24}", account):
+            self.fail("AzureWebJobsStorage__accountName", "not a storage account name")
+        return StorageSettings(Secret(connection) if connection else None, account or None, prefix)
+
+    def _scope_roles(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        try:
+            roles: Any = json.loads(self.get("SCOPE_ROLES"))
+        except ValueError:
+            self.fail("SCOPE_ROLES", "not JSON")
+            return {}
+        if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
+            self.fail("SCOPE_ROLES", "must be a JSON object of scope to role name")
+            return {}
+        for scope in scopes:
+            if scope not in roles:
+                self.fail("SCOPE_ROLES", f"names no role for allowed scope {scope!r}")
+        return {str(k): v for k, v in roles.items()}
+
+    def _caller_audience(self, *, required: bool) -> str | None:
+        value = self.get("CALLER_AUDIENCE")
+        if not value and required:
+            self.fail("CALLER_AUDIENCE", "missing (the broker's app ID URI, e.g. api://<client id>)")
+        return value or None

@@ -1,0 +1,232 @@
+"""The tenant registry: which customer tenants the broker serves, by name and GUID.
+
+Only a GUID that came out of this registry ever goes into a URL. Caller input is checked against a strict
+shape first (a GUID, or a lowercase name), so ``../common``, ``organizations`` or ``evil.example/x`` are
+refused before anything is looked up. The registry lives in a storage table and is held in memory as a
+snapshot, re-read every ``refresh_seconds`` (the bound within which a change made elsewhere — another
+instance, the CLI — is seen) and at once when a well-formed name is not found.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Literal
+from urllib.parse import urlsplit
+
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from broker.errors import InvalidTenant, NotFound, UnknownTenant, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+RESERVED_NAMES = frozenset({"common", "organizations", "consumers", "adfs", "me", "default", "api"})
+IncidentApi = Literal["defender", "graph"]
+PARTITION = "tenant"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A registered customer tenant."""
+
+    name: str
+    tenant_id: str
+    enabled: bool = True
+    api: IncidentApi = "defender"
+    defender_url: str | None = None
+    added_at: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(f"tenant name {self.name!r} must be lowercase letters, digits and hyphens")
+        if not _GUID.fullmatch(self.tenant_id):
+            raise ValueError("tenant_id must be a lowercase GUID")
+        if self.api not in ("defender", "graph"):
+            raise ValueError("api must be 'defender' or 'graph'")
+        if self.defender_url is not None:
+            check_defender_url(self.defender_url)
+
+
+def check_defender_url(url: str) -> None:
+    """A regional Defender endpoint: https on a Microsoft security API host, nothing else in the URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if (
+        parts.scheme != "https"
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+        or not (host == "api.security.microsoft.com" or host.endswith(".security.microsoft.com"))
+    ):
+        raise ValueError("defender_url must be https://<region>.api.security.microsoft.com")
+
+
+def normalize_reference(value: object) -> str:
+    """Check a caller's tenant reference and return it lowercased; raise ``InvalidTenant`` if malformed."""
+    if not isinstance(value, str) or not value or len(value) > 64 or not value.isascii():
+        raise InvalidTenant()
+    ref = value.lower()
+    if ref in RESERVED_NAMES or not (_GUID.fullmatch(ref) or _NAME.fullmatch(ref)):
+        raise InvalidTenant()
+    return ref
+
+
+def canonical_guid(value: str) -> str:
+    """A tenant GUID in canonical lowercase form, or ``ValueError``."""
+    text = value.strip().lower()
+    if not _GUID.fullmatch(text) or str(uuid.UUID(text)) != text:
+        raise ValueError(f"{value!r} is not a tenant GUID")
+    return text
+
+
+class TenantRegistry:
+    """Tenants in a storage table, served from an in-memory snapshot."""
+
+    def __init__(
+        self,
+        table: Callable[[], TableClient],
+        *,
+        refresh_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._table = table
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_ref: dict[str, Tenant] = {}
+        self._loaded_at = float("-inf")
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def cached(self, reference: str) -> Tenant | None:
+        """The tenant for a normalized reference from a fresh snapshot, without I/O; None if unsure."""
+        if self._clock() - self._loaded_at >= self._refresh_seconds:
+            return None
+        return self._by_ref.get(reference)
+
+    def resolve(self, value: object) -> Tenant:
+        """The registered tenant a caller named, by name or GUID."""
+        ref = normalize_reference(value)
+        tenant = self.cached(ref)
+        if tenant is not None:
+            return tenant
+        self._reload(min_age=0.0 if self._stale() else 1.0)
+        tenant = self._by_ref.get(ref)
+        if tenant is None:
+            raise UnknownTenant(f"no tenant named or with the ID {ref!r} is registered")
+        return tenant
+
+    def all(self) -> list[Tenant]:
+        self._reload(min_age=0.0)
+        return sorted({t.name: t for t in self._by_ref.values()}.values(), key=lambda t: t.name)
+
+    def _stale(self) -> bool:
+        return self._clock() - self._loaded_at >= self._refresh_seconds
+
+    def _reload(self, *, min_age: float) -> None:
+        with self._lock:
+            if self._clock() - self._loaded_at < min_age:
+                return
+            try:
+                entities = list(self._table().query_entities(f"PartitionKey eq '{PARTITION}'"))
+            except AzureError as exc:
+                if self._by_ref:
+                    log.warning("tenants.reload outcome=stale error=%s", exc.__class__.__name__)
+                    return
+                raise UpstreamUnavailable(
+                    "the tenant registry cannot be read", diagnostic=repr(exc), retry_after=5
+                ) from exc
+            snapshot: dict[str, Tenant] = {}
+            for entity in entities:
+                try:
+                    tenant = _from_entity(entity)
+                except (KeyError, ValueError) as exc:
+                    log.error("tenants.reload skipped=%s reason=%s", entity.get("RowKey"), exc)
+                    continue
+                snapshot[tenant.name] = tenant
+                snapshot[tenant.tenant_id] = tenant
+            self._by_ref = snapshot
+            self._loaded_at = self._clock()
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        tenant_id: str,
+        *,
+        api: IncidentApi = "defender",
+        defender_url: str | None = None,
+    ) -> Tenant:
+        tenant = Tenant(
+            name=name.lower(),
+            tenant_id=canonical_guid(tenant_id),
+            api=api,
+            defender_url=defender_url,
+            added_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        for other in self.all():
+            if other.tenant_id == tenant.tenant_id and other.name != tenant.name:
+                raise ValueError(f"tenant {tenant.tenant_id} is already registered as {other.name!r}")
+        self._table().upsert_entity(_to_entity(tenant), mode=UpdateMode.REPLACE)
+        self._invalidate()
+        return tenant
+
+    def set_enabled(self, name: str, enabled: bool) -> Tenant:
+        tenant = self.resolve(name)
+        updated = replace(tenant, enabled=enabled)
+        self._table().upsert_entity(_to_entity(updated), mode=UpdateMode.REPLACE)
+        self._invalidate()
+        return updated
+
+    def remove(self, name: str) -> None:
+        tenant = self.resolve(name)
+        try:
+            self._table().delete_entity(PARTITION, tenant.name)
+        except ResourceNotFoundError as exc:
+            raise NotFound(f"tenant {name!r} is not registered") from exc
+        self._invalidate()
+
+    def load(self, tenants: Iterable[Tenant]) -> None:
+        """Replace the snapshot (for callers that already hold the list)."""
+        with self._lock:
+            self._by_ref = {ref: t for t in tenants for ref in (t.name, t.tenant_id)}
+            self._loaded_at = self._clock()
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._loaded_at = float("-inf")
+
+
+def _to_entity(tenant: Tenant) -> dict[str, object]:
+    return {
+        "PartitionKey": PARTITION,
+        "RowKey": tenant.name,
+        "TenantId": tenant.tenant_id,
+        "Enabled": tenant.enabled,
+        "Api": tenant.api,
+        "DefenderUrl": tenant.defender_url or "",
+        "AddedAt": tenant.added_at,
+    }
+
+
+def _from_entity(entity: dict[str, object]) -> Tenant:
+    api = str(entity.get("Api") or "defender")
+    return Tenant(
+        name=str(entity["RowKey"]),
+        tenant_id=str(entity["TenantId"]),
+        enabled=bool(entity.get("Enabled", True)),
+        api="graph" if api == "graph" else "defender",
+        defender_url=str(entity.get("DefenderUrl") or "") or None,
+        added_at=str(entity.get("AddedAt") or ""),
+    )
