@@ -357,7 +357,8 @@ class TokenIssuer:
 
     @staticmethod
     def _drop_cached(slot: _Slot, scope: str) -> None:
-        for entry in slot.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN, target=[scope]):
+        entries = list(slot.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN, target=[scope]))
+        for entry in entries:
             slot.cache.remove_at(entry)
 
 

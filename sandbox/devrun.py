@@ -1,0 +1,106 @@
+"""``make run``: the broker on http://127.0.0.1:7071, and everything it needs.
+
+With no real Azure configured (no ``KEY_VAULT_URL`` in the environment or ``local.settings.json``), it
+starts Azurite and the sandbox (Entra ID, managed identity, Key Vault, Defender and Graph stand-ins),
+registers the sandbox's demo tenants and serves the broker against them. With real settings it serves
+the broker against real Azure (starting Azurite only for ``UseDevelopmentStorage=true``). Ctrl-C stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+from broker import wiring
+from broker.settings import Settings, SettingsError, read_environment
+from sandbox.azurite import Azurite, port_is_free, start_azurite, wait_for_port
+from sandbox.server import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST, PORT = "127.0.0.1", 7071
+AZURITE_DEFAULT_PORTS = (10000, 10001, 10002)
+
+
+def _azurite() -> Azurite:
+    ports = AZURITE_DEFAULT_PORTS if all(port_is_free(p) for p in AZURITE_DEFAULT_PORTS) else None
+    return start_azurite(ROOT / ".azurite", ports=ports)
+
+
+def _print_banner(env: dict[str, str], sandboxed: bool) -> None:
+    scope = "https://api.security.microsoft.com/.default"
+    auth = "" if env.get("CALLER_AUTH") == "none" else ' -H "Authorization: Bearer $CALLER_TOKEN"'
+    print(
+        f"\nbroker:  http://{HOST}:{PORT}   ({'sandbox: stand-ins for Entra ID, Key Vault, Defender, Graph' if sandboxed else 'real Azure'})"
+    )
+    print("try:")
+    print(
+        f"  curl -s -X POST http://{HOST}:{PORT}/api/token -H 'Content-Type: application/json'{auth} "
+        f"""-d '{{"tenant": "contoso", "scope": "{scope}"}}'"""
+    )
+    print("Ctrl-C stops everything.\n", flush=True)
+
+
+def main() -> int:
+    if not port_is_free(PORT):
+        print(f"port {PORT} is in use: stop whatever listens there first", file=sys.stderr)
+        return 1
+    configured = read_environment(ROOT)
+    sandboxed = not configured.get("KEY_VAULT_URL") and configured.get("CLIENT_CREDENTIAL_MODE") != "federated"
+    azurite: Azurite | None = None
+    box: Sandbox | None = None
+    broker: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        env = dict(configured)
+        if sandboxed:
+            print("starting Azurite and the sandbox…", flush=True)
+            azurite = _azurite()
+            box = Sandbox(ROOT / ".sandbox").start()
+            env.update(box.env())
+            env.update({"AzureWebJobsStorage": azurite.connection_string, "CALLER_AUTH": "none"})
+            container = wiring.build(Settings.from_environ(env), bind_host=HOST)
+            for tenant in box.directory.customer_tenants():
+                container.tenants.add(tenant.name, tenant.tenant_id)
+                print(f"  tenant {tenant.name:<10} {tenant.tenant_id}")
+            container.close()
+        elif env.get("AzureWebJobsStorage", "").replace(" ", "").lower() == "usedevelopmentstorage=true":
+            print("starting Azurite for UseDevelopmentStorage=true…", flush=True)
+            azurite = _azurite()
+            env["AzureWebJobsStorage"] = azurite.connection_string
+        broker = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(PORT)], cwd=ROOT, env=env
+        )
+        wait_for_port(PORT, 30, broker)
+        _print_banner(env, sandboxed)
+        return broker.wait()
+    except SettingsError as exc:
+        print("The broker's settings are not usable:", *exc.problems, sep="\n  - ", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if broker is not None and broker.poll() is None:
+            broker.send_signal(signal.SIGINT)
+            try:
+                broker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                broker.kill()
+        if box is not None:
+            box.stop()
+        if azurite is not None:
+            azurite.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Settings are parsed once, every problem is reported at once by name, and secrets never show."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from broker import wiring
+from broker.settings import SETTINGS, AZURITE_CONNECTION_STRING, Settings, SettingsError, read_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "BROKER_CLIENT_ID": "11111111-2222-3333-4444-555555555555",
+    "KEY_VAULT_URL": "https://vault.example.net",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+    "CALLER_AUTH": "none",
+}
+
+
+def test_a_minimal_environment_parses_with_documented_defaults() -> None:
+    """Three settings are enough for a loopback development broker; the rest have defaults."""
+    settings = Settings.from_environ(GOOD)
+    assert settings.authority_host == "https://login.microsoftonline.com"
+    assert settings.allowed_scopes == (
+        "https://api.security.microsoft.com/.default",
+        "https://graph.microsoft.com/.default",
+    )
+    assert settings.scope_roles["https://graph.microsoft.com/.default"] == "SecurityIncident.Read.All"
+    assert settings.storage.connection_string is not None
+    assert settings.storage.connection_string.reveal() == AZURITE_CONNECTION_STRING
+
+
+def test_every_problem_is_reported_at_once_by_name() -> None:
+    """A broken environment names each bad setting in one error, not one per start attempt."""
+    env = {
+        "BROKER_CLIENT_ID": "not-a-guid",
+        "KEY_VAULT_URL": "http://vault.example.net",
+        "SECRET_REFRESH_SECONDS": "soon",
+        "CALLER_AUTH": "entra",
+        "ALLOWED_SCOPES": "https://graph.microsoft.com/User.Read",
+    }
+    with pytest.raises(SettingsError) as info:
+        Settings.from_environ(env)
+    names = {p.split(":")[0] for p in info.value.problems}
+    assert names == {
+        "BROKER_CLIENT_ID",
+        "KEY_VAULT_URL",
+        "SECRET_REFRESH_SECONDS",
+        "AzureWebJobsStorage",
+        "CALLER_TENANT_ID",
+        "CALLER_AUDIENCE",
+        "ALLOWED_SCOPES",
+        "SCOPE_ROLES",
+    }
+
+
+def test_a_secret_setting_never_shows_in_repr() -> None:
+    """The storage connection string (it holds an account key) is hidden from repr and str."""
+    settings = Settings.from_environ(GOOD)
+    assert "Eby8vdM02" not in repr(settings)
+    assert "Eby8vdM02" not in str(settings.storage)
+
+
+def test_environment_overrides_local_settings_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like Core Tools: local.settings.json Values first, the process environment wins."""
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"CLIENT_SECRET_NAME": "from-file", "STORAGE_PREFIX": "filep"}})
+    )
+    monkeypatch.setenv("STORAGE_PREFIX", "envp")
+    env = read_environment(tmp_path)
+    assert env["CLIENT_SECRET_NAME"] == "from-file"
+    assert env["STORAGE_PREFIX"] == "envp"
+
+
+def test_unreadable_local_settings_is_a_named_problem(tmp_path: Path) -> None:
+    (tmp_path / "local.settings.json").write_text("{not json")
+    with pytest.raises(SettingsError, match=r"local\.settings\.json"):
+        read_environment(tmp_path)
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0", "10.1.2.3", "broker.example.net"])
+def test_no_caller_authentication_is_refused_off_loopback(host: str | None) -> None:
+    """CALLER_AUTH=none is a development mode: any bind but loopback (or the Functions host) refuses it."""
+    with pytest.raises(SettingsError, match="CALLER_AUTH"):
+        wiring.build(Settings.from_environ(GOOD), bind_host=host)
+
+
+def test_sample_settings_file_lists_every_setting() -> None:
+    """local.settings.sample.json carries every setting the broker reads, with its default."""
+    values = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    for setting in SETTINGS:
+        assert setting.name in values, setting.name
+        if setting.default and not setting.required and setting.name != "AzureWebJobsStorage":
+            assert values[setting.name] == setting.default, setting.name
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    """The README's configuration table and the catalogue name the same settings."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Za-z_]+)` \|", section, flags=re.M))
+    assert documented == {s.name for s in SETTINGS}
