@@ -99,3 +99,38 @@ class Recorder:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"counts": dict(self._counts), "latency": dict(self._latency), "faults": len(self._faults)}
+
+
+class FaultsAndLatency:
+    """Pure ASGI wrapper: serve an injected :class:`Fault` or add the service's latency, then the app.
+
+    A served fault counts as ``"<service>.fault"`` so that ``Recorder.total`` still sees every request.
+    The fault is matched against the path plus the query string (``/msi/token?resource=...``).
+    """
+
+    def __init__(self, app: Any, service: str, recorder: Recorder) -> None:
+        self.app = app
+        self.service = service
+        self.recorder = recorder
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        target = scope.get("path", "")
+        query = scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        fault = self.recorder.take_fault(self.service, target)
+        if fault is None:
+            await self.recorder.delay(self.service)
+            await self.app(scope, receive, send)
+            return
+        self.recorder.hit(f"{self.service}.fault")
+        if fault.delay_seconds > 0:
+            await asyncio.sleep(fault.delay_seconds)
+        body = fault.body.encode()
+        headers = [(b"content-type", fault.content_type.encode()), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in fault.headers.items()]
+        await send({"type": "http.response.start", "status": fault.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,51 @@
+"""``python -m sandbox --state-dir DIR [--env-file FILE]``: run every stand-in in the foreground.
+
+Once all ports listen, the broker's settings (``Sandbox.env()`` plus ``SANDBOX_CONTROL_URL``) are written
+atomically as JSON to FILE and one summary line is printed. SIGINT or SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+from sandbox.server import Sandbox
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
+    parser.add_argument("--state-dir", required=True, type=Path, help="where the CA files are written")
+    parser.add_argument("--env-file", type=Path, help="write the settings as JSON here once listening")
+    parser.add_argument("--no-seed", action="store_true", help="start without the demo tenants and apps")
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    sandbox = Sandbox(args.state_dir, seed=not args.no_seed).start()
+    try:
+        env = {**sandbox.env(), "SANDBOX_CONTROL_URL": sandbox.control_url}
+        if args.env_file:
+            tmp = args.env_file.with_name(args.env_file.name + ".tmp")
+            tmp.write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, args.env_file)
+        tenants = ",".join(t.name for t in sandbox.directory.customer_tenants())
+        print(
+            "sandbox ready "
+            + " ".join(f"{name}={url}" for name, url in sandbox.urls.items())
+            + f" tenants={tenants or '-'} ca_bundle={sandbox.ca_bundle}",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        sandbox.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""``Sandbox``: every stand-in on its own loopback port, served from one background thread.
+
+One thread runs one asyncio loop with one ``uvicorn.Server`` per service:
+
+========== ======= ===========================================================
+service    scheme  what
+========== ======= ===========================================================
+entra      https   OIDC discovery, JWKS, token endpoint (``sandbox.entra``)
+kv         https   Key Vault secrets (``sandbox.keyvault``)
+mi         http    App Service managed-identity endpoint (``sandbox.managed_identity``)
+defender   https   Defender XDR incidents API (``sandbox.security_api``)
+graph      https   Graph security incidents API (``sandbox.security_api``)
+control    http    ``/_sandbox/...`` control plane (``sandbox.control``)
+========== ======= ===========================================================
+
+Listening sockets are made with ``IPPROTO_TCP`` (a plain ``socket.socket()`` leaves Nagle's algorithm
+interacting with delayed ACKs: ~44 ms per response) and bound before serving, so ports are known up
+front. ``env()`` gives the broker's ordinary settings pointing at the stand-ins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from sandbox.ca import SandboxCA, create_ca
+from sandbox.control import create_control_app
+from sandbox.directory import Directory
+from sandbox.entra import create_entra_app
+from sandbox.keyvault import create_keyvault_app
+from sandbox.managed_identity import MI_PATH, create_managed_identity_app
+from sandbox.state import Recorder
+
+log = logging.getLogger(__name__)
+
+HTTPS_SERVICES = frozenset({"entra", "kv", "defender", "graph"})
+DEMO_INCIDENTS_PER_TENANT = 20
+
+
+def _listen(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+class _StandInServer(uvicorn.Server):
+    """uvicorn, minus a 30 s stall at shutdown.
+
+    uvicorn closes idle connections gracefully; a TLS connection whose client already left without
+    sending ``close_notify`` then waits ``ssl_shutdown_timeout`` (30 s) for it. Idle connections are
+    aborted instead; connections in the middle of a request still finish normally.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (cycle is None or cycle.response_complete):
+                transport.abort()
+        await asyncio.sleep(0.01)  # let connection_lost run for the aborted ones
+        await super().shutdown(sockets=sockets)
+
+
+class Sandbox:
+    """Local Entra ID, managed identity, Key Vault, Defender and Graph, with a control plane.
+
+    ``Sandbox(state_dir).start()`` … ``.stop()`` (or use it as a context manager). ``state_dir`` receives
+    the CA files; ``seed`` builds the demo world (see ``Directory.seed``).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        seed: bool = True,
+        host: str = "127.0.0.1",
+        directory: Directory | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.recorder = recorder or Recorder()
+        self.directory = directory or Directory()
+        self.seeded = seed
+        if seed:
+            self.directory.seed()
+        self.identity_header = secrets.token_urlsafe(24)
+        self.incidents: Any = None
+        self.urls: dict[str, str] = {}
+        self.ca: SandboxCA | None = None
+        self._servers: list[_StandInServer] = []
+        self._sockets: list[socket.socket] = []
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> Sandbox:
+        if self._thread is not None:
+            raise RuntimeError("sandbox already started")
+        self.ca = create_ca(self.state_dir)
+        apps = self._build_apps()
+        for name in apps:
+            sock = _listen(self.host)
+            self._sockets.append(sock)
+            scheme = "https" if name in HTTPS_SERVICES else "http"
+            self.urls[name] = f"{scheme}://{self.host}:{sock.getsockname()[1]}"
+        self.directory.authority_host = self.urls["entra"]
+
+        for name, app in apps.items():
+            tls: dict[str, Any] = {}
+            if name in HTTPS_SERVICES:
+                tls = {"ssl_certfile": str(self.ca.cert_path), "ssl_keyfile": str(self.ca.key_path)}
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                server_header=False,
+                **tls,
+            )
+            self._servers.append(_StandInServer(config))
+
+        self._thread = threading.Thread(target=self._run, name="sandbox-servers", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not all(s.started for s in self._servers):
+            if self._failure is not None or not self._thread.is_alive() or time.monotonic() > deadline:
+                failure = self._failure
+                self.stop()
+                raise RuntimeError("sandbox failed to start") from failure
+            time.sleep(0.005)
+        log.info("sandbox started %s", " ".join(f"{k}={v}" for k, v in self.urls.items()))
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut every server down and join the thread (idempotent)."""
+        for server in self._servers:
+            server.should_exit = True
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                for server in self._servers:
+                    server.force_exit = True
+                thread.join(timeout)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        self._servers.clear()
+        self._thread = None
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve_all())
+        except BaseException as exc:  # reported to start(); the thread must not die silently
+            self._failure = exc
+            log.exception("sandbox servers failed")
+
+    async def _serve_all(self) -> None:
+        async def serve(server: _StandInServer, sock: socket.socket) -> None:
+            try:
+                await server.serve(sockets=[sock])
+            except BaseException as exc:
+                self._failure = exc
+                for other in self._servers:
+                    other.should_exit = True
+                raise
+
+        await asyncio.gather(
+            *(serve(server, sock) for server, sock in zip(self._servers, self._sockets, strict=True)),
+            return_exceptions=True,
+        )
+
+    def _build_apps(self) -> dict[str, Any]:
+        d, r = self.directory, self.recorder
+        apps: dict[str, Any] = {
+            "entra": create_entra_app(d, r),
+            "kv": create_keyvault_app(d, r),
+            "mi": create_managed_identity_app(d, r, self.identity_header),
+        }
+        extra_routes: list[Any] = []
+        try:
+            from sandbox import security_api
+        except ImportError:  # the security-API stand-ins are optional for identity-only use
+            log.warning("sandbox.security_api not importable; Defender and Graph stand-ins are off")
+        else:
+            self.incidents = security_api.IncidentWorld()
+            verify = d.verify_access_token
+            apps["defender"] = security_api.create_defender_app(self.incidents, r, verify)
+            apps["graph"] = security_api.create_graph_app(self.incidents, r, verify)
+            extra_routes = list(security_api.security_control_routes(self.incidents))
+            if self.seeded:
+                for tenant in d.customer_tenants():
+                    self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)
+        apps["control"] = create_control_app(d, r, self.env, extra_routes)
+        return apps
+
+    # -- what clients need ---------------------------------------------------------------------------
+
+    @property
+    def control_url(self) -> str:
+        return self.urls["control"]
+
+    @property
+    def ca_bundle(self) -> str:
+        if self.ca is None:
+            raise RuntimeError("sandbox not started")
+        return str(self.ca.bundle_path)
+
+    def env(self) -> dict[str, str]:
+        """The broker's settings (and the standard CA variables) pointing at the stand-ins."""
+        if not self.urls:
+            raise RuntimeError("sandbox not started")
+        d = self.directory
+        env = {
+            "AUTHORITY_HOST": self.urls["entra"],
+            "KEY_VAULT_URL": self.urls["kv"],
+            "IDENTITY_ENDPOINT": self.urls["mi"] + MI_PATH,
+            "IDENTITY_HEADER": self.identity_header,
+            "BROKER_CLIENT_ID": d.broker.client_id,
+            "CLIENT_SECRET_NAME": d.client_secret_name,
+            "CLIENT_CERTIFICATE_NAME": d.client_certificate_name,
+            "MANAGED_IDENTITY_CLIENT_ID": d.broker_identity.client_id,
+            "CALLER_TENANT_ID": d.home.tenant_id,
+            "CALLER_AUDIENCE": d.broker_audience,
+            "REQUESTS_CA_BUNDLE": self.ca_bundle,
+            "CURL_CA_BUNDLE": self.ca_bundle,
+            "SSL_CERT_FILE": self.ca_bundle,
+        }
+        if "defender" in self.urls:
+            env["DEFENDER_API_URL"] = self.urls["defender"]
+            env["GRAPH_API_URL"] = self.urls["graph"] + "/v1.0"
+        return env
