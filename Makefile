@@ -44,8 +44,8 @@ lint: deps $(INFRA_VENV)/.installed
 
 ## Benchmarks; each prints its figures against a baseline measured in the same run.
 bench: deps
-	$(PY) bench/token.py
-	$(PY) bench/sync.py
+	$(PY) -m bench.token
+	$(PY) -m bench.sync
 
 clean:
 	rm -rf $(VENV) $(INFRA_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

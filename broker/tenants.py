@@ -175,10 +175,14 @@ class TenantRegistry:
             defender_url=defender_url,
             added_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        for other in self.all():
-            if other.tenant_id == tenant.tenant_id and other.name != tenant.name:
-                raise ValueError(f"tenant {tenant.tenant_id} is already registered as {other.name!r}")
-        self._table().upsert_entity(_to_entity(tenant), mode=UpdateMode.REPLACE)
+        table = self._table()
+        same_guid = table.query_entities(
+            "PartitionKey eq @pk and TenantId eq @tid", parameters={"pk": PARTITION, "tid": tenant.tenant_id}
+        )
+        for other in same_guid:
+            if other["RowKey"] != tenant.name:
+                raise ValueError(f"tenant {tenant.tenant_id} is already registered as {other['RowKey']!r}")
+        table.upsert_entity(_to_entity(tenant), mode=UpdateMode.REPLACE)
         self._invalidate()
         return tenant
 
