@@ -1,0 +1,84 @@
+"""python -m broker: the same settings as the app, every problem named, tenants managed from a shell."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from conftest import broker_environment
+
+from sandbox.server import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_serve_reports_every_missing_setting_by_name_and_exits_2() -> None:
+    """An empty environment names each required setting in one go; nothing is served."""
+    proc = run(["serve", "--port", "0"], {"CALLER_AUTH": "entra"})
+    assert proc.returncode == 2
+    for name in ("BROKER_CLIENT_ID", "KEY_VAULT_URL", "AzureWebJobsStorage", "CALLER_TENANT_ID", "CALLER_AUDIENCE"):
+        assert name in proc.stderr
+
+
+def test_serve_refuses_no_caller_auth_off_loopback(sandbox: Sandbox, azurite: str) -> None:
+    proc = run(["serve", "--host", "0.0.0.0", "--port", "0"], broker_environment(sandbox, azurite))
+    assert proc.returncode == 2
+    assert "CALLER_AUTH" in proc.stderr
+
+
+def test_tenants_add_list_disable(sandbox: Sandbox, azurite: str) -> None:
+    """Register a tenant, see it listed with the consent link printed, disable it, remove it."""
+    env = broker_environment(sandbox, azurite)
+    tid = str(uuid.uuid4())
+    added = run(["tenants", "add", "acme", tid.upper()], env)
+    assert added.returncode == 0, added.stderr
+    assert f"{env['AUTHORITY_HOST']}/{tid}/adminconsent?client_id={env['BROKER_CLIENT_ID']}" in added.stdout
+    listed = run(["tenants", "list"], env)
+    assert listed.returncode == 0
+    assert "acme" in listed.stdout
+    assert tid in listed.stdout
+    assert "1 tenant(s)" in listed.stdout
+    assert run(["tenants", "disable", "acme"], env).returncode == 0
+    assert " no " in run(["tenants", "list"], env).stdout
+    assert run(["tenants", "remove", "acme"], env).returncode == 0
+    assert "0 tenant(s)" in run(["tenants", "list"], env).stdout
+
+
+def test_tenants_add_refuses_a_bad_guid_and_a_reserved_name(sandbox: Sandbox, azurite: str) -> None:
+    env = broker_environment(sandbox, azurite)
+    bad_guid = run(["tenants", "add", "acme", "contoso.onmicrosoft.com"], env)
+    assert bad_guid.returncode == 2
+    assert "GUID" in bad_guid.stderr
+    reserved = run(["tenants", "add", "common", str(uuid.uuid4())], env)
+    assert reserved.returncode == 2
+
+
+def test_tenants_check_reports_consent_per_scope(sandbox: Sandbox, azurite: str) -> None:
+    """A consented tenant checks ok for both scopes; an unconsented one prints its consent link."""
+    env = broker_environment(sandbox, azurite)
+    ok = sandbox.directory.add_customer_tenant("t" + uuid.uuid4().hex[:8])
+    missing = sandbox.directory.add_customer_tenant("t" + uuid.uuid4().hex[:8], consented=False)
+    assert run(["tenants", "add", "good", ok.tenant_id], env).returncode == 0
+    assert run(["tenants", "add", "pending", missing.tenant_id], env).returncode == 0
+    good = run(["tenants", "check", "good"], env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.count(" ok expires_in=") == 2
+    pending = run(["tenants", "check", "pending"], env)
+    assert pending.returncode == 1
+    assert "consent_required" in pending.stdout
+    assert "adminconsent" in pending.stdout
