@@ -59,7 +59,11 @@ def stack(*, storage_prefix: str = "bench") -> Iterator[Stack]:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MSI_"))}
             env.update(sandbox_env)
             env.update(
-                {"AzureWebJobsStorage": azurite.connection_string, "STORAGE_PREFIX": storage_prefix, "CALLER_AUTH": "none"}
+                {
+                    "AzureWebJobsStorage": azurite.connection_string,
+                    "STORAGE_PREFIX": storage_prefix,
+                    "CALLER_AUTH": "none",
+                }
             )
             control = ControlClient(sandbox_env["SANDBOX_CONTROL_URL"])
             try:
@@ -102,7 +106,9 @@ def post_json(path: str, body: dict[str, object], host: str, port: int, headers:
     return head.encode() + payload
 
 
-async def _connection(host: str, port: int, requests: Sequence[bytes], latencies: list[float], statuses: list[int]) -> None:
+async def _connection(
+    host: str, port: int, requests: Sequence[bytes], latencies: list[float], statuses: list[int]
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         for request in requests:

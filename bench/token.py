@@ -26,8 +26,8 @@ import uuid
 
 import msal
 import requests
-from bench.harness import broker_process, post_json, run_load, stack
 
+from bench.harness import broker_process, post_json, run_load, stack
 from broker import wiring
 from broker.settings import Settings
 
@@ -61,7 +61,14 @@ def main() -> None:
         with broker_process(s.env) as (host, port):
             s.control.set_latency("entra", IDP_LATENCY)
             # Warm every tenant's token (100 ms each at the identity provider, 50 at a time).
-            run_load(host, port, [[post_json("/api/token", {"tenant": n, "scope": DEFENDER}, host, port) for n, _ in warm[i::50]] for i in range(50)])
+            run_load(
+                host,
+                port,
+                [
+                    [post_json("/api/token", {"tenant": n, "scope": DEFENDER}, host, port) for n, _ in warm[i::50]]
+                    for i in range(50)
+                ],
+            )
 
             def requests_for(tenants: list[tuple[str, str]], count: int) -> list[bytes]:
                 rng = random.Random(7)
@@ -78,14 +85,23 @@ def main() -> None:
 
             # 1,000 concurrent cold requests over 100 tenants: single flight per tenant.
             before = s.control.count("entra.token")
-            cold_reqs = [[post_json("/api/token", {"tenant": n, "scope": DEFENDER}, host, port)] for n, _ in cold for _ in range(10)]
+            cold_reqs = [
+                [post_json("/api/token", {"tenant": n, "scope": DEFENDER}, host, port)]
+                for n, _ in cold
+                for _ in range(10)
+            ]
             random.Random(3).shuffle(cold_reqs)
             cold_run = run_load(host, port, cold_reqs)
             cold_calls = s.control.count("entra.token") - before
 
         # Baseline A: the caller goes to the identity provider itself, every time.
         token_url = f"{s.env['AUTHORITY_HOST']}/{warm[0][1]}/oauth2/v2.0/token"
-        form = {"grant_type": "client_credentials", "client_id": s.env["BROKER_CLIENT_ID"], "client_secret": secret, "scope": DEFENDER}
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": s.env["BROKER_CLIENT_ID"],
+            "client_secret": secret,
+            "scope": DEFENDER,
+        }
         session = requests.Session()
         session.trust_env = False
         session.verify = s.env["REQUESTS_CA_BUNDLE"]
@@ -119,8 +135,12 @@ def main() -> None:
         print(throughput.line(f"broker cached, {label}, 16 connections"))
         print(latency.line(f"broker cached, {label}, 1 connection"))
     one = results["1 tenant"][0]
-    print(f"baseline A: direct to identity provider      p50 {direct_p50:7.2f} ms  ->  broker is {direct_p50 / one.p50:6.0f}x faster at p50")
-    print(f"baseline B: MSAL in-process cache hit        {msal_us:7.1f} us/call  (the broker adds HTTP, parsing and checks on top)")
+    print(
+        f"baseline A: direct to identity provider      p50 {direct_p50:7.2f} ms  ->  broker is {direct_p50 / one.p50:6.0f}x faster at p50"
+    )
+    print(
+        f"baseline B: MSAL in-process cache hit        {msal_us:7.1f} us/call  (the broker adds HTTP, parsing and checks on top)"
+    )
     print(
         f"cold: 1000 concurrent requests over 100 tenants -> {cold_calls} identity-provider calls "
         f"(expected 100), wall {cold_run.wall * 1000:.0f} ms, ok {sum(1 for x in cold_run.statuses if x == 200)}/1000"

@@ -9,6 +9,7 @@ everything it started.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from sandbox.azurite import Azurite, port_is_free, start_azurite, wait_for_port
 from sandbox.server import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST, PORT = "127.0.0.1", 7071
+HOST = "127.0.0.1"
 AZURITE_DEFAULT_PORTS = (10000, 10001, 10002)
 
 
@@ -31,23 +32,26 @@ def _azurite() -> Azurite:
     return start_azurite(ROOT / ".azurite", ports=ports)
 
 
-def _print_banner(env: dict[str, str], sandboxed: bool) -> None:
+def _print_banner(env: dict[str, str], sandboxed: bool, port: int) -> None:
     scope = "https://api.security.microsoft.com/.default"
     auth = "" if env.get("CALLER_AUTH") == "none" else ' -H "Authorization: Bearer $CALLER_TOKEN"'
     print(
-        f"\nbroker:  http://{HOST}:{PORT}   ({'sandbox: stand-ins for Entra ID, Key Vault, Defender, Graph' if sandboxed else 'real Azure'})"
+        f"\nbroker:  http://{HOST}:{port}   ({'sandbox: stand-ins for Entra ID, Key Vault, Defender, Graph' if sandboxed else 'real Azure'})"
     )
     print("try:")
     print(
-        f"  curl -s -X POST http://{HOST}:{PORT}/api/token -H 'Content-Type: application/json'{auth} "
+        f"  curl -s -X POST http://{HOST}:{port}/api/token -H 'Content-Type: application/json'{auth} "
         f"""-d '{{"tenant": "contoso", "scope": "{scope}"}}'"""
     )
     print("Ctrl-C stops everything.\n", flush=True)
 
 
-def main() -> int:
-    if not port_is_free(PORT):
-        print(f"port {PORT} is in use: stop whatever listens there first", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox.devrun", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=7071)
+    port: int = parser.parse_args(argv).port
+    if not port_is_free(port):
+        print(f"port {port} is in use: stop whatever listens there first", file=sys.stderr)
         return 1
     configured = read_environment(ROOT)
     sandboxed = not configured.get("KEY_VAULT_URL") and configured.get("CLIENT_CREDENTIAL_MODE") != "federated"
@@ -77,10 +81,10 @@ def main() -> int:
             azurite = _azurite()
             env["AzureWebJobsStorage"] = azurite.connection_string
         broker = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(PORT)], cwd=ROOT, env=env
+            [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(port)], cwd=ROOT, env=env
         )
-        wait_for_port(PORT, 30, broker)
-        _print_banner(env, sandboxed)
+        wait_for_port(port, 30, broker)
+        _print_banner(env, sandboxed, port)
         return broker.wait()
     except SettingsError as exc:
         print("The broker's settings are not usable:", *exc.problems, sep="\n  - ", file=sys.stderr)

@@ -86,7 +86,16 @@ def test_requirements_txt_alone_is_enough_to_index(tmp_path: Path) -> None:
     venv.EnvBuilder(with_pip=True).create(target)
     python = str(target / "bin" / "python")
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(ROOT / "requirements.txt")],
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(ROOT / "requirements.txt"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -95,7 +104,5 @@ def test_requirements_txt_alone_is_enough_to_index(tmp_path: Path) -> None:
     assert install.returncode == 0, install.stderr[-2000:]
     indexed = _index(python)
     assert "broker_http" in indexed
-    dev_only = subprocess.run(
-        [python, "-c", "import pytest"], capture_output=True, text=True, timeout=60, check=False
-    )
+    dev_only = subprocess.run([python, "-c", "import pytest"], capture_output=True, text=True, timeout=60, check=False)
     assert dev_only.returncode != 0, "the clean venv must not contain dev dependencies"

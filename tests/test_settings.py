@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker import wiring
-from broker.settings import SETTINGS, AZURITE_CONNECTION_STRING, Settings, SettingsError, read_environment
+from broker.settings import AZURITE_CONNECTION_STRING, SETTINGS, Settings, SettingsError, read_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {

@@ -230,9 +230,7 @@ def vault_down(sandbox: Sandbox) -> Iterator[None]:
     sandbox.recorder.clear_faults()
 
 
-def test_an_unreachable_vault_is_503_credential_unavailable(
-    sandbox: Sandbox, azurite: str, vault_down: None
-) -> None:
+def test_an_unreachable_vault_is_503_credential_unavailable(sandbox: Sandbox, azurite: str, vault_down: None) -> None:
     server = start_broker(sandbox, azurite)
     try:
         response = server.token("contoso")
@@ -295,21 +293,75 @@ BAD_BODIES: list[tuple[str, bytes | str, str, int, str]] = [
     ("missing scope", b'{"tenant": "contoso"}', "application/json", 400, "bad_request"),
     ("missing tenant", f'{{"scope": "{DEFENDER}"}}', "application/json", 400, "bad_request"),
     ("tenant not a string", f'{{"tenant": 7, "scope": "{DEFENDER}"}}', "application/json", 400, "bad_request"),
-    ("extra field", f'{{"tenant": "contoso", "scope": "{DEFENDER}", "authority": "x"}}', "application/json", 400, "bad_request"),
-    ("negative min ttl", f'{{"tenant": "contoso", "scope": "{DEFENDER}", "min_ttl_seconds": -1}}', "application/json", 400, "bad_request"),
-    ("huge min ttl", f'{{"tenant": "contoso", "scope": "{DEFENDER}", "min_ttl_seconds": 99999}}', "application/json", 400, "bad_request"),
+    (
+        "extra field",
+        f'{{"tenant": "contoso", "scope": "{DEFENDER}", "authority": "x"}}',
+        "application/json",
+        400,
+        "bad_request",
+    ),
+    (
+        "negative min ttl",
+        f'{{"tenant": "contoso", "scope": "{DEFENDER}", "min_ttl_seconds": -1}}',
+        "application/json",
+        400,
+        "bad_request",
+    ),
+    (
+        "huge min ttl",
+        f'{{"tenant": "contoso", "scope": "{DEFENDER}", "min_ttl_seconds": 99999}}',
+        "application/json",
+        400,
+        "bad_request",
+    ),
     ("unknown tenant", f'{{"tenant": "nobody", "scope": "{DEFENDER}"}}', "application/json", 404, "unknown_tenant"),
-    ("unknown guid", f'{{"tenant": "{uuid.uuid4()}", "scope": "{DEFENDER}"}}', "application/json", 404, "unknown_tenant"),
+    (
+        "unknown guid",
+        f'{{"tenant": "{uuid.uuid4()}", "scope": "{DEFENDER}"}}',
+        "application/json",
+        404,
+        "unknown_tenant",
+    ),
     ("path escape", f'{{"tenant": "../common", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
-    ("domain and path", f'{{"tenant": "evil.example/x", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
+    (
+        "domain and path",
+        f'{{"tenant": "evil.example/x", "scope": "{DEFENDER}"}}',
+        "application/json",
+        400,
+        "invalid_tenant",
+    ),
     ("encoded dots", f'{{"tenant": "%2e%2e", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
-    ("organizations", f'{{"tenant": "organizations", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
+    (
+        "organizations",
+        f'{{"tenant": "organizations", "scope": "{DEFENDER}"}}',
+        "application/json",
+        400,
+        "invalid_tenant",
+    ),
     ("common", f'{{"tenant": "common", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
     ("non ascii", f'{{"tenant": "cöntoso", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
     ("null byte", f'{{"tenant": "contoso\\u0000", "scope": "{DEFENDER}"}}', "application/json", 400, "invalid_tenant"),
-    ("unsupported scope", '{"tenant": "contoso", "scope": "https://management.azure.com/.default"}', "application/json", 400, "scope_not_allowed"),
-    ("scope injection", '{"tenant": "contoso", "scope": "https://graph.microsoft.com/.default offline_access"}', "application/json", 400, "scope_not_allowed"),
-    ("wrong content type", f'{{"tenant": "contoso", "scope": "{DEFENDER}"}}', "text/plain", 415, "unsupported_media_type"),
+    (
+        "unsupported scope",
+        '{"tenant": "contoso", "scope": "https://management.azure.com/.default"}',
+        "application/json",
+        400,
+        "scope_not_allowed",
+    ),
+    (
+        "scope injection",
+        '{"tenant": "contoso", "scope": "https://graph.microsoft.com/.default offline_access"}',
+        "application/json",
+        400,
+        "scope_not_allowed",
+    ),
+    (
+        "wrong content type",
+        f'{{"tenant": "contoso", "scope": "{DEFENDER}"}}',
+        "text/plain",
+        415,
+        "unsupported_media_type",
+    ),
     ("form body", "tenant=contoso", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ("not utf-8", b'{"tenant": "\xff\xfe"}', "application/json", 400, "invalid_json"),
     ("one megabyte", b'{"tenant": "' + b"a" * (1024 * 1024) + b'"}', "application/json", 413, "payload_too_large"),
