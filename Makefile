@@ -46,6 +46,7 @@ lint: deps $(INFRA_VENV)/.installed
 bench: deps
 	$(PY) -m bench.token
 	$(PY) -m bench.sync
+	$(PY) -m bench.auth
 
 clean:
 	rm -rf $(VENV) $(INFRA_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -7,10 +7,10 @@ outbound call. One summary line is logged per request, with ``key=value`` pairs 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker import wiring
-from broker.callers import Caller
+from broker import access, wiring
+from broker.admin import admin_routes
 from broker.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -33,11 +33,11 @@ from broker.errors import (
     NotFound,
     PayloadTooLarge,
     ScopeNotAllowed,
-    TenantDisabled,
     UnsupportedMediaType,
 )
-from broker.tenants import Tenant, normalize_reference
-from broker.tokens import MAX_MIN_TTL, AccessToken
+from broker.incidents_api import incidents_router
+from broker.tenants import Tenant
+from broker.tokens import MAX_MIN_TTL, AccessToken, TokenIssuer
 from broker.wiring import Container
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,43 @@ async def _send_problem(send: Send, error: BrokerError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class AsyncSingleFlight:
+    """Requests that miss the token cache together wait on the first one's result, not on a thread each.
+
+    ``TokenIssuer`` already lets one thread per (tenant, scope) reach MSAL, but a herd of requests for a
+    cold tenant would otherwise park one worker thread each on that lock and starve other tenants'
+    misses. Here only the first request takes a thread; the rest await its future on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[int, str, str, int], asyncio.Future[AccessToken]] = {}
+
+    async def acquire(self, issuer: TokenIssuer, tenant_id: str, scope: str, min_ttl: int) -> AccessToken:
+        key = (id(issuer), tenant_id, scope, min_ttl)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[AccessToken] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_mark_retrieved)
+        self._pending[key] = future
+        try:
+            token = await run_in_threadpool(issuer.acquire, tenant_id, scope, min_ttl)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(token)
+            return token
+        finally:
+            del self._pending[key]
+
+
+def _mark_retrieved(future: asyncio.Future[AccessToken]) -> None:
+    """A failed flight nobody else awaited must not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
 def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI:
     """The broker's ASGI app. ``container`` is called per request (it is built once, lazily)."""
     app = FastAPI(
@@ -112,6 +149,9 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
     )
 
     app.add_middleware(BodyLimit)
+    app.include_router(admin_routes(container))
+    app.include_router(incidents_router(container))
+    flights = AsyncSingleFlight()
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> Response:
@@ -140,33 +180,48 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
     async def issue_token(request: Request) -> Response:
         started = time.perf_counter()
         rid = _rid(request)
-        summary: dict[str, Any] = {"outcome": "issued", "code": "-", "tenant": "-", "scope": "-", "caller": "-"}
+        summary = access.summary(request)
+        summary.update({"outcome": "issued", "code": "-", "tenant": "-", "scope": "-", "caller": "-"})
+        c: Container | None = None
+        scope: str | None = None
+        target: Tenant | str = "-"
         try:
             c = container()
-            caller = _authenticate(c, request)
-            summary["caller"] = caller.label
+            caller = await access.authenticate(c, request, "token")
             body = await _json_body(request, TokenRequest)
-            ref = normalize_reference(body.tenant)
             if body.scope not in c.settings.allowed_scopes:
                 raise ScopeNotAllowed(f"scope must be one of: {', '.join(c.settings.allowed_scopes)}")
-            summary["scope"] = body.scope
-            tenant = c.tenants.cached(ref)
-            if tenant is None:
-                tenant = await run_in_threadpool(c.tenants.resolve, ref)
-            summary["tenant"] = tenant.tenant_id
-            _check_tenant(tenant)
+            scope = summary["scope"] = body.scope
+            granted = await access.authorize(c, request, body.tenant, "token", caller=caller, scope=body.scope)
+            tenant = target = granted.tenant
             token = c.issuer.cached(tenant.tenant_id, body.scope, body.min_ttl_seconds)
             summary["source"] = "memory"
             if token is None:
                 summary["source"] = "msal"
-                token = await run_in_threadpool(c.issuer.acquire, tenant.tenant_id, body.scope, body.min_ttl_seconds)
+                token = await flights.acquire(c.issuer, tenant.tenant_id, body.scope, body.min_ttl_seconds)
             summary["fp"] = token.fingerprint
+            # Strict mode: the token leaves only once its audit record is stored.
+            await access.audit(
+                c,
+                request,
+                action="token",
+                outcome="issued",
+                code="ok",
+                reason="issued",
+                caller=caller,
+                tenant=tenant,
+                scope=body.scope,
+                token=token,
+                wait=c.audit.mode == "strict",
+            )
             return _token_response(token, rid)
         except BrokerError as exc:
-            summary["outcome"] = "denied" if exc.status < 500 and exc.code != "consent_required" else "failed"
+            summary["outcome"] = access.outcome_of(exc)
             summary["code"] = exc.code
             if exc.diagnostic:
                 summary["diagnostic"] = exc.diagnostic
+            if c is not None:
+                await access.refused(c, request, exc, action="token", tenant=target, scope=scope)
             raise
         finally:
             summary["duration_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
@@ -174,15 +229,6 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
             log.info("token.issue %s", " ".join(f"{k}={_logsafe(v)}" for k, v in summary.items()))
 
     return app
-
-
-def _authenticate(c: Container, request: Request) -> Caller:
-    return c.authenticator.authenticate(request.headers)
-
-
-def _check_tenant(tenant: Tenant) -> None:
-    if not tenant.enabled:
-        raise TenantDisabled(f"tenant {tenant.name} is disabled")
 
 
 def _token_response(token: AccessToken, request_id: str) -> Response:
@@ -228,13 +274,7 @@ def _describe(errors: Any) -> str:
 
 def _rid(request: Request) -> str:
     """The request's id: the caller's ``X-Request-Id`` when it is a sane token, else a new one."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        rid = request.headers.get("x-request-id", "")
-        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum() and rid.isascii()):
-            rid = uuid.uuid4().hex
-        request.state.request_id = rid
-    return str(rid)
+    return access.request_id(request)
 
 
 def _logsafe(value: object) -> str:

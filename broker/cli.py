@@ -11,10 +11,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
 
 from broker import wiring
+from broker.audit import AuditRecord
 from broker.errors import BrokerError
 from broker.settings import Settings, SettingsError
+from broker.tenants import Tenant
 from broker.tokens import admin_consent_url
 
 # Commands other than ``serve`` answer no HTTP request; they run as the local operator.
@@ -50,6 +53,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = tenants.add_parser("check", help="check consent: acquire a token for every allowed scope")
     check.add_argument("name", nargs="?", help="one tenant (default: all)")
     check.set_defaults(run=_tenants_check)
+
+    callers = commands.add_parser("callers", help="caller kill switch").add_subparsers(dest="action", required=True)
+    for action, enabled in (("enable", True), ("disable", False)):
+        switch = callers.add_parser(action, help=f"{action} a caller by object id or app id (kill switch)")
+        switch.add_argument("id", help="the caller's object id or app id (GUID)")
+        switch.set_defaults(run=_callers_switch, enabled=enabled)
+    callers.add_parser("list", help="list callers with a switch set").set_defaults(run=_callers_list)
+
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    verify = audit.add_parser("verify", help="check the hash chain: report deleted or edited records")
+    verify.add_argument(
+        "--repair", action="store_true", help="rewrite index rows that are missing or differ, from the chain"
+    )
+    verify.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (default: 7 days ago)")
+    verify.add_argument("--to", dest="end", type=date.fromisoformat, help="last day (default: today, UTC)")
+    verify.set_defaults(run=_audit_verify)
+
+    sync = commands.add_parser("sync", help="prefetch incidents now, in this process (one line per tenant)")
+    sync.add_argument("--tenant", help="one tenant (default: every enabled tenant)")
+    sync.add_argument("--parallel", type=int, default=4, help="tenants synced at once (default: 4)")
+    sync.set_defaults(run=_sync)
 
     args = parser.parse_args(argv)
     _configure_logging(verbose=args.command == "serve")
@@ -138,4 +162,68 @@ def _tenants_check(args: argparse.Namespace) -> int:
                 if "consent_url" in exc.extensions:
                     status += f"\n    consent: {exc.extensions['consent_url']}"
             print(f"{tenant.name:<24} {scope:<48} {status}")
+    return 1 if failures else 0
+
+
+def _callers_switch(args: argparse.Namespace) -> int:
+    c = _container()
+    switch = c.callers.set_enabled(args.id, args.enabled, by="cli")
+    verb = "enable" if args.enabled else "disable"
+    c.audit.record_sync(
+        AuditRecord(
+            action="admin", outcome="allowed", code="ok", reason=f"caller_{verb}:{switch.principal}", caller="cli"
+        )
+    )
+    print(
+        f"{switch.principal} {'enabled' if switch.enabled else 'disabled'} (every instance within {c.callers.refresh_seconds:.0f} s)"
+    )
+    return 0
+
+
+def _callers_list(args: argparse.Namespace) -> int:
+    switches = _container().callers.all()
+    print(f"{'CALLER':<36} {'ENABLED':<7} {'UPDATED':<25} BY")
+    for s in switches:
+        print(f"{s.principal:<36} {'yes' if s.enabled else 'no':<7} {s.updated_at:<25} {s.updated_by}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    end = args.end or datetime.now(UTC).date()
+    start = args.start or end - timedelta(days=7)
+    report = _container().audit.verify(start, end, repair=args.repair)
+    for problem in report.problems:
+        print(f"PROBLEM {problem}")
+    for repaired in report.repaired:
+        print(f"REPAIRED {repaired}")
+    for day, (seq, digest) in sorted(report.heads.items()):
+        print(f"head {day} seq={seq} hash={digest[:16]}")
+    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"audit verify {start}..{end}: {report.days} day(s), {report.records} record(s), {verdict}")
+    return 0 if report.ok else 1
+
+
+def _sync(args: argparse.Namespace) -> int:
+    """Run the queue trigger's sync for each tenant here, waiting out the budget instead of deferring."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    c = _container()
+    tenants = [c.tenants.resolve(args.tenant)] if args.tenant else [t for t in c.tenants.all() if t.enabled]
+    failures = 0
+
+    def one(tenant: Tenant) -> str:
+        nonlocal failures
+        try:
+            report = c.incidents.run(tenant, max_wait=3600.0)
+        except BrokerError as exc:
+            failures += 1
+            return f"{tenant.name:<24} {tenant.api:<8} outcome=failed error={exc.code}: {exc.detail}"
+        if report.outcome not in ("complete", "busy"):
+            failures += 1
+        return f"{tenant.name:<24} {tenant.api:<8} {report.summary()}"
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        for future in as_completed([pool.submit(one, t) for t in tenants]):
+            print(future.result(), flush=True)
+    print(f"{len(tenants)} tenant(s), {failures} failed", flush=True)
     return 1 if failures else 0

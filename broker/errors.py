@@ -28,10 +28,13 @@
     │   ├── TokenMismatch (502 token_mismatch)      an issued token is not for the tenant asked
     │   ├── UpstreamThrottled (503 upstream_throttled)
     │   ├── UpstreamUnavailable (503 upstream_unavailable)
-    │   └── CredentialUnavailable (503 credential_unavailable)
+    │   ├── CredentialUnavailable (503 credential_unavailable)
+    │   └── IncidentApiError (502 incident_api_error)  Defender/Graph refused a request or sent nonsense
     └── ServiceError                     the broker itself cannot serve right now
         ├── NotConfigured (503 not_configured)
-        └── AuditUnavailable (503 audit_unavailable)
+        ├── AuditUnavailable (503 audit_unavailable)
+        ├── SyncBudgetExhausted (503 sync_budget_exhausted)  the tenant's API budget has no call left now
+        └── SyncInProgress (409 sync_in_progress)  another run holds the tenant's sync lease
 
 A foreign failure is translated once, where it happens (``raise TokenMismatch(...) from exc``). The
 ``detail`` is safe to show a caller: it never carries upstream text, secrets or tokens. Operators get the
@@ -235,6 +238,11 @@ class CredentialUnavailable(UpstreamError):
     title = "The app's credential cannot be read from Key Vault"
 
 
+class IncidentApiError(UpstreamError):
+    code = "incident_api_error"
+    title = "The incident API refused the request"
+
+
 class ServiceError(BrokerError):
     status = 503
     code = "unavailable"
@@ -249,3 +257,14 @@ class NotConfigured(ServiceError):
 class AuditUnavailable(ServiceError):
     code = "audit_unavailable"
     title = "The audit log cannot be written; no token is issued without it"
+
+
+class SyncBudgetExhausted(ServiceError):
+    code = "sync_budget_exhausted"
+    title = "The tenant's incident API budget is spent for now; the sync resumes later"
+
+
+class SyncInProgress(ServiceError):
+    status = 409
+    code = "sync_in_progress"
+    title = "Another sync run for this tenant is in progress"

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from broker.policy import Policy, PolicyError
+
 DEFENDER_SCOPE = "https://api.security.microsoft.com/.default"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 DEFAULT_SCOPE_ROLES = {DEFENDER_SCOPE: "Incident.Read.All", GRAPH_SCOPE: "SecurityIncident.Read.All"}
@@ -88,8 +90,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CALLER_AUTH", "`entra` (callers present Entra tokens) or `none` (loopback development only).", "entra"),
     Setting("CALLER_TENANT_ID", "Home tenant (GUID) of the internal callers; required with `entra`.", ""),
     Setting("CALLER_AUDIENCE", "Audience of caller tokens (the broker's app ID URI or client ID).", ""),
-    Setting("CALLER_POLICY", "JSON policy: which caller may have which tenants and scopes.", ""),
-    Setting("CALLER_RATE_PER_MINUTE", "Token requests a caller may make per minute (token bucket).", "600"),
+    Setting(
+        "CALLER_POLICY",
+        "JSON policy (deny by default): which caller (object or app id) may have which tenants, groups of "
+        "tenants or `*`, which scopes, and who is admin; see `broker/policy.py`. A change restarts the app.",
+        "",
+    ),
+    Setting(
+        "CALLER_RATE_PER_MINUTE",
+        "Requests a caller may make per minute on each instance (token bucket; 429 with Retry-After).",
+        "600",
+    ),
     Setting("AUDIT_MODE", "`strict`: no token leaves unless its audit record was written; `best_effort`.", "strict"),
     Setting("DEFENDER_API_URL", "Defender XDR API base URL.", "https://api.security.microsoft.com"),
     Setting("GRAPH_API_URL", "Microsoft Graph base URL with version.", "https://graph.microsoft.com/v1.0"),
@@ -153,7 +164,7 @@ class Settings:
     caller_auth: CallerAuth
     caller_tenant_id: str | None
     caller_audience: str | None
-    caller_policy: str
+    caller_policy: Policy
     caller_rate_per_minute: int
     audit_mode: AuditMode
     defender_api_url: str
@@ -284,7 +295,7 @@ class _Parser:
             caller_auth=caller_auth,  # type: ignore[arg-type]
             caller_tenant_id=self.guid("CALLER_TENANT_ID", required=caller_auth == "entra") or None,
             caller_audience=self._caller_audience(required=caller_auth == "entra"),
-            caller_policy=self.get("CALLER_POLICY"),
+            caller_policy=self._caller_policy(scopes, caller_auth),
             caller_rate_per_minute=self.integer("CALLER_RATE_PER_MINUTE", 1, 1_000_000),
             audit_mode=self.choice("AUDIT_MODE", ("strict", "best_effort")),  # type: ignore[arg-type]
             defender_api_url=self.https_url("DEFENDER_API_URL"),
@@ -325,6 +336,15 @@ class _Parser:
             if scope not in roles:
                 self.fail("SCOPE_ROLES", f"names no role for allowed scope {scope!r}")
         return {str(k): v for k, v in roles.items()}
+
+    def _caller_policy(self, scopes: tuple[str, ...], caller_auth: str) -> Policy:
+        if caller_auth == "none":
+            return Policy.allow_all()
+        try:
+            return Policy.parse(self.get("CALLER_POLICY"), scopes)
+        except PolicyError as exc:
+            self.problems.extend(f"CALLER_POLICY: {problem}" for problem in exc.problems)
+            return Policy()
 
     def _caller_audience(self, *, required: bool) -> str | None:
         value = self.get("CALLER_AUDIENCE")

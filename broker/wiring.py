@@ -15,9 +15,14 @@ from urllib.parse import urlsplit
 from azure.core.credentials import TokenCredential
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
-from broker.callers import Authenticator, LoopbackOnly
+from broker.audit import AuditLog
+from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
+from broker.defender import IncidentApiClient
 from broker.errors import NotConfigured
+from broker.incidents import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
+from broker.policy import RateLimiter
+from broker.quota import CallBudget
 from broker.settings import Settings, SettingsError, is_loopback_host
 from broker.storage import StorageAccount
 from broker.tenants import TenantRegistry
@@ -35,8 +40,14 @@ class Container:
     credentials: CredentialSource
     issuer: TokenIssuer
     authenticator: Authenticator
+    audit: AuditLog
+    callers: CallerSwitches
+    limiter: RateLimiter
+    incidents: IncidentSync
 
     def close(self) -> None:
+        self.audit.close()
+        self.incidents.close()
         self.issuer.close()
         close = getattr(self.identity, "close", None)
         if callable(close):
@@ -48,6 +59,39 @@ def azure_identity(settings: Settings) -> TokenCredential:
     return DefaultAzureCredential(
         managed_identity_client_id=settings.managed_identity_client_id,
         exclude_interactive_browser_credential=True,
+    )
+
+
+def caller_authenticator(settings: Settings) -> Authenticator:
+    """Entra bearer tokens from the home tenant, or (loopback development only) nobody checked."""
+    if settings.caller_auth == "none":
+        return LoopbackOnly()
+    assert settings.caller_tenant_id  # enforced by the settings parser
+    assert settings.caller_audience
+    tenant = settings.caller_tenant_id
+    keys = SigningKeys(f"{settings.authority_host}/{tenant}/v2.0/.well-known/openid-configuration", tenant)
+    audiences = tuple(dict.fromkeys((settings.caller_audience, settings.broker_client_id)))
+    return EntraAuthenticator(tenant_id=tenant, audiences=audiences, keys=keys)
+
+
+def incident_sync(
+    settings: Settings, storage: StorageAccount, tenants: TenantRegistry, issuer: TokenIssuer
+) -> IncidentSync:
+    """The incident prefetch: API client with the persisted per-tenant budget, blob + table store, queue."""
+    budget = CallBudget(
+        lambda: storage.table("syncbudget"),
+        ((settings.sync_budget_per_minute, 60.0), (settings.sync_budget_per_hour, 3600.0)),
+    )
+    api = IncidentApiClient(issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url)
+    return IncidentSync(
+        tenants=tenants,
+        api=api,
+        store=IncidentStore(lambda: storage.container("incidents"), lambda: storage.table("incidents")),
+        state=SyncStateTable(lambda: storage.table("syncstate")),
+        leases=TenantLease(lambda: storage.container("sync")),
+        queue=lambda: base64_queue(storage, settings.sync_queue),
+        overlap_seconds=settings.sync_overlap_seconds,
+        lookback_days=settings.sync_lookback_days,
     )
 
 
@@ -78,15 +122,22 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
         credentials=credentials,
         scope_roles=settings.scope_roles,
     )
-    authenticator: Authenticator = LoopbackOnly()
+    authenticator = caller_authenticator(settings)
+    if settings.caller_auth == "entra" and not settings.caller_policy.grants:
+        log.warning("broker.start caller_policy=empty: every caller is refused until CALLER_POLICY grants access")
+    tenants = TenantRegistry(lambda: storage.table("tenants"))
     container = Container(
         settings=settings,
         identity=identity,
         storage=storage,
-        tenants=TenantRegistry(lambda: storage.table("tenants")),
+        tenants=tenants,
         credentials=credentials,
         issuer=issuer,
         authenticator=authenticator,
+        audit=AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode),
+        callers=CallerSwitches(lambda: storage.table("callers")),
+        limiter=RateLimiter(settings.caller_rate_per_minute),
+        incidents=incident_sync(settings, storage, tenants, issuer),
     )
     log.info(
         "broker.start mode=%s caller_auth=%s authority=%s vault=%s scopes=%d",

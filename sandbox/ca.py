@@ -4,7 +4,7 @@
 and writes into the state directory:
 
 - ``ca.pem``: the sandbox CA alone;
-- ``ca-bundle.pem``: the sandbox CA followed by certifi's bundle. Put this one file in
+- ``ca-bundle.pem``: the sandbox CA followed by the CAs already trusted (the environment's bundle, else certifi's). Put this one file in
   ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` / ``SSL_CERT_FILE`` and both the stand-ins and the public
   internet still verify;
 - ``server.pem`` / ``server-key.pem``: the stand-ins' certificate chain and key (for uvicorn).
@@ -48,11 +48,25 @@ def create_ca(state_dir: Path) -> SandboxCA:
     cert_path = state_dir / "server.pem"
     key_path = state_dir / "server-key.pem"
     _write(ca_path, ca_pem)
-    public = Path(certifi.where()).read_bytes()
-    _write(bundle_path, ca_pem.rstrip(b"\n") + b"\n" + public)
+    _write(bundle_path, ca_pem.rstrip(b"\n") + b"\n" + _existing_trust())
     _write(cert_path, b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     _write(key_path, leaf.private_key_pem.bytes(), mode=0o600)
     return SandboxCA(ca_path=ca_path, bundle_path=bundle_path, cert_path=cert_path, key_path=key_path)
+
+
+def _existing_trust() -> bytes:
+    """The CAs this process already trusts: the bundle its environment names, else certifi's.
+
+    The sandbox bundle replaces REQUESTS_CA_BUNDLE / SSL_CERT_FILE, so it must keep what those trusted
+    (on some machines a private CA in front of the package registries), not only the public roots.
+    """
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+        path = os.environ.get(name)
+        if path and Path(path).is_file():
+            data = Path(path).read_bytes()
+            if b"BEGIN CERTIFICATE" in data:
+                return data
+    return Path(certifi.where()).read_bytes()
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:

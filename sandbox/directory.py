@@ -52,7 +52,8 @@ KNOWN_RESOURCES = (
     "https://management.azure.com",
     "https://storage.azure.com",
 )
-DEFAULT_CALLER_ROLES = ("Tokens.Request",)
+# The app roles the broker defines for its callers (docs/app-registration.md).
+DEFAULT_CALLER_ROLES = ("Broker.Token.Request", "Broker.Incidents.Read")
 SIGNATURE_MODES = ("valid", "bad-signature", "unknown-kid", "none")
 
 _NAMESPACE = uuid.UUID("6f1d3a52-93c4-4e0b-9a57-5b0c2a61d0e1")

@@ -106,3 +106,16 @@ def test_requirements_txt_alone_is_enough_to_index(tmp_path: Path) -> None:
     assert "broker_http" in indexed
     dev_only = subprocess.run([python, "-c", "import pytest"], capture_output=True, text=True, timeout=60, check=False)
     assert dev_only.returncode != 0, "the clean venv must not contain dev dependencies"
+
+
+def test_incident_sync_timer_and_queue_trigger_are_indexed(functions: dict[str, Any]) -> None:
+    """The timer reads its schedule from INCIDENT_SYNC_SCHEDULE and never runs at startup; the queue trigger
+    listens on INCIDENT_SYNC_QUEUE through the AzureWebJobsStorage connection (identity-based in Flex)."""
+    timer = next(b for b in functions["incident_sync_timer"]["bindings"] if b["type"] == "timerTrigger")
+    assert timer["schedule"] == "%INCIDENT_SYNC_SCHEDULE%"
+    assert timer["runOnStartup"] is False
+    queue = next(b for b in functions["incident_sync_tenant"]["bindings"] if b["type"] == "queueTrigger")
+    assert queue["queueName"] == "%INCIDENT_SYNC_QUEUE%"
+    assert queue["connection"] == "AzureWebJobsStorage"
+    assert queue["name"] == "msg"
+    assert queue["direction"] == "IN"

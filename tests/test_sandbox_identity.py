@@ -287,7 +287,7 @@ def test_caller_app_gets_v2_token_for_broker_api(box: Sandbox, http: requests.Se
     assert claims["ver"] == "2.0"
     assert claims["iss"] == f"{box.env()['AUTHORITY_HOST']}/{d.home.tenant_id}/v2.0"
     assert claims["azp"] == caller.client_id
-    assert claims["roles"] == ["Tokens.Request"]
+    assert claims["roles"] == ["Broker.Token.Request", "Broker.Incidents.Read"]
     assert "appid" not in claims
     outsider = cca(box, http, "contoso", credential=caller.secrets[0].value, client_id=caller.client_id)
     assert outsider.acquire_token_for_client([DEFENDER_SCOPE])["error_codes"] == [700016]
@@ -472,8 +472,10 @@ def test_control_client_drives_the_sandbox(box: Sandbox, http: requests.Session)
         rotated = control.rotate_client_secret(revoke_old=False)
         assert box.directory.client_secret() == rotated["value"]
         assert box.directory.vault.get_secret(box.directory.client_secret_name).version == rotated["version"]  # type: ignore[union-attr]
-        token = control.mint_caller_token(roles=["Tokens.Request"])
-        assert box.directory.verify_access_token(token, box.directory.broker.client_id)["roles"] == ["Tokens.Request"]
+        token = control.mint_caller_token(roles=["Broker.Token.Request"])
+        assert box.directory.verify_access_token(token, box.directory.broker.client_id)["roles"] == [
+            "Broker.Token.Request"
+        ]
         expired = control.mint_caller_token(exp=1)
         with pytest.raises(ValueError, match="Expired"):
             box.directory.verify_access_token(expired, box.directory.broker.client_id)

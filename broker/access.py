@@ -1,0 +1,208 @@
+"""The gate every route passes: who is asking (authentication, the caller kill switch, the rate limit),
+may they (the policy, the tenant kill switch), and the audit record of the decision.
+
+Routes call ``authenticate`` and then ``authorize`` (tenant-scoped routes) or ``require_admin``; a refusal
+is recorded in the audit log (without waiting) and raised as a problem. ``audit`` records a route's own
+outcome. The per-request summary fields (caller, tenant, reason) are left on ``request.state.summary``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from broker.audit import AuditRecord, Written
+from broker.callers import Caller
+from broker.errors import (
+    BrokerError,
+    CallerError,
+    Forbidden,
+    RateLimited,
+    RequestError,
+    TenantDisabled,
+    UnknownTenant,
+)
+from broker.policy import ACTION_ROLES, Action
+from broker.tenants import Tenant, normalize_reference
+from broker.tokens import AccessToken
+from broker.wiring import Container
+
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+@dataclass(frozen=True)
+class Access:
+    caller: Caller
+    tenant: Tenant
+
+
+def summary(request: Request) -> dict[str, Any]:
+    """The request's summary fields (for its one log line)."""
+    found: dict[str, Any] | None = getattr(request.state, "summary", None)
+    if found is None:
+        found = {}
+        request.state.summary = found
+    return found
+
+
+def request_id(request: Request) -> str:
+    """The request's id: the caller's ``X-Request-Id`` when it is a sane token, else a new one."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum() and rid.isascii()):
+            rid = uuid.uuid4().hex
+        request.state.request_id = rid
+    return str(rid)
+
+
+def outcome_of(exc: BrokerError) -> str:
+    """``denied`` when the caller or its request was refused, ``failed`` when the broker could not serve."""
+    return "denied" if isinstance(exc, CallerError | RequestError) else "failed"
+
+
+def reason_of(exc: BrokerError) -> str:
+    return exc.diagnostic if _REASON.fullmatch(exc.diagnostic) else exc.code
+
+
+async def authenticate(c: Container, request: Request, action: Action) -> Caller:
+    """The caller, if its token is valid, it is not switched off, and it is within its rate."""
+    try:
+        caller = await c.authenticator.authenticate(request.headers)
+        summary(request)["caller"] = caller.label
+        request.state.caller = caller
+        await c.callers.ensure_fresh()
+        c.callers.check(caller)
+        retry_after = c.limiter.take(caller.id)
+        if retry_after is not None:
+            raise RateLimited(retry_after=retry_after, diagnostic="rate_limited")
+        if not c.settings.caller_policy.allows_everything and ACTION_ROLES[action] not in caller.roles:
+            raise Forbidden(f"the caller's token lacks the app role {ACTION_ROLES[action]}", diagnostic="role_missing")
+        return caller
+    except BrokerError as exc:
+        await refused(c, request, exc, action=action)
+        raise
+
+
+async def authorize(
+    c: Container, request: Request, tenant_ref: object, action: Action, *, caller: Caller, scope: str | None = None
+) -> Access:
+    """Whether ``caller`` may do ``action`` (with ``scope``) for the tenant it named; deny by default."""
+    policy = c.settings.caller_policy
+    ref = "-"
+    try:
+        ref = normalize_reference(tenant_ref)
+        tenant = c.tenants.cached(ref)
+        if tenant is None:
+            try:
+                tenant = await run_in_threadpool(c.tenants.resolve, ref)
+            except UnknownTenant as exc:
+                if policy.sees_all_tenants(caller.id, caller.app_id):
+                    raise
+                # Saying "no such tenant" would let a caller map the registry: refuse as for any other.
+                raise Forbidden(
+                    f"caller {caller.label} may not use tenant {ref}", diagnostic="tenant_not_granted"
+                ) from exc
+        summary(request)["tenant"] = tenant.tenant_id
+        decision = policy.decide(
+            object_id=caller.id,
+            app_id=caller.app_id,
+            roles=caller.roles,
+            action=action,
+            tenant_name=tenant.name,
+            tenant_id=tenant.tenant_id,
+            scope=scope,
+        )
+        if not decision.allowed:
+            what = f"{tenant.name} with scope {scope}" if scope else tenant.name
+            raise Forbidden(f"caller {caller.label} may not use tenant {what}", diagnostic=decision.reason)
+        if not tenant.enabled:
+            raise TenantDisabled(f"tenant {tenant.name} is disabled", diagnostic="tenant_disabled")
+        return Access(caller, tenant)
+    except BrokerError as exc:
+        await refused(c, request, exc, action=action, tenant=ref, scope=scope)
+        raise
+
+
+async def require_admin(c: Container, request: Request) -> Caller:
+    """An admin caller: the ``Broker.Admin`` role in its token and ``"admin": true`` in the policy."""
+    caller = await authenticate(c, request, "admin")
+    decision = c.settings.caller_policy.decide(
+        object_id=caller.id, app_id=caller.app_id, roles=caller.roles, action="admin"
+    )
+    if not decision.allowed:
+        exc = Forbidden(f"caller {caller.label} is not an administrator", diagnostic=decision.reason)
+        await refused(c, request, exc, action="admin")
+        raise exc
+    return caller
+
+
+async def refused(
+    c: Container,
+    request: Request,
+    exc: BrokerError,
+    *,
+    action: str,
+    tenant: Tenant | str = "-",
+    scope: str | None = None,
+) -> None:
+    """Record a refusal (not waited for: a refusal hands nothing out)."""
+    if getattr(request.state, "audited", False):
+        return
+    caller: Caller | None = getattr(request.state, "caller", None)
+    outcome = "denied" if exc.status < 500 else "failed"
+    summary(request)["reason"] = reason_of(exc)
+    await audit(
+        c,
+        request,
+        action=action,
+        outcome=outcome,
+        code=exc.code,
+        reason=reason_of(exc),
+        caller=caller,
+        tenant=tenant,
+        scope=scope,
+        wait=False,
+    )
+
+
+async def audit(
+    c: Container,
+    request: Request,
+    *,
+    action: str,
+    outcome: str,
+    code: str,
+    reason: str = "-",
+    caller: Caller | None = None,
+    tenant: Tenant | str = "-",
+    scope: str | None = None,
+    token: AccessToken | None = None,
+    wait: bool,
+) -> Written | None:
+    """Record one decision; with ``wait`` return once it is stored (or raise ``AuditUnavailable``)."""
+    request.state.audited = True
+    rid = request_id(request)
+    record = AuditRecord(
+        action=action,
+        outcome=outcome,
+        code=code,
+        reason=reason,
+        caller=caller.id if caller else "-",
+        caller_app=(caller.app_id or "-") if caller else "-",
+        tenant=tenant.tenant_id if isinstance(tenant, Tenant) else tenant,
+        tenant_name=tenant.name if isinstance(tenant, Tenant) else "-",
+        scope=scope or "-",
+        request_id=str(rid),
+        expires_on=token.expires_on if token else 0,
+        fingerprint=token.fingerprint if token else "-",
+    )
+    written = await c.audit.record(record, wait=wait)
+    if written is not None:
+        summary(request)["audit"] = written.ref
+    return written

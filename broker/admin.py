@@ -1,0 +1,132 @@
+"""Admin routes: the audit query and the kill switches. Every route needs an admin caller (the
+``Broker.Admin`` app role and ``"admin": true`` in ``CALLER_POLICY``), and every change is audited."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from broker import access
+from broker.audit import parse_moment
+from broker.callers import normalize_principal
+from broker.errors import BadRequest, BrokerError, UnknownTenant
+from broker.tenants import normalize_reference
+from broker.wiring import Container
+
+log = logging.getLogger(__name__)
+
+MAX_AUDIT_LIMIT = 1000
+MAX_AUDIT_DAYS = 93
+
+
+def admin_routes(container: Callable[[], Container]) -> APIRouter:
+    router = APIRouter()
+
+    async def run(request: Request, what: str, work: Callable[[Container, Any], Any]) -> Any:
+        """Authorize an admin, do ``work`` in a thread, record it, log one summary line."""
+        started = time.perf_counter()
+        summary = access.summary(request)
+        summary.update({"outcome": "allowed", "code": "-", "caller": "-", "what": what})
+        c: Container | None = None
+        try:
+            c = container()
+            caller = await access.require_admin(c, request)
+            result = await run_in_threadpool(work, c, caller)
+            await access.audit(
+                c, request, action="admin", outcome="allowed", code="ok", reason=what, caller=caller, wait=True
+            )
+            return result
+        except BrokerError as exc:
+            summary.update(outcome=access.outcome_of(exc), code=exc.code)
+            if c is not None:
+                await access.refused(c, request, exc, action="admin")
+            raise
+        finally:
+            summary["duration_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
+            summary["request_id"] = access.request_id(request)
+            log.info("admin.request %s", " ".join(f"{k}={v}" for k, v in summary.items()))
+
+    @router.get("/api/audit")
+    async def query_audit(request: Request) -> dict[str, Any]:
+        params = request.query_params
+        now = datetime.now(UTC)
+        end = parse_moment(params.get("to"), default=now, end_of_day=True)
+        start = parse_moment(params.get("from"), default=end - timedelta(days=1))
+        if start > end or end - start > timedelta(days=MAX_AUDIT_DAYS):
+            raise BadRequest(f"'from' must be before 'to', at most {MAX_AUDIT_DAYS} days apart")
+        try:
+            limit = int(params.get("limit", "100"))
+        except ValueError as exc:
+            raise BadRequest("limit must be an integer") from exc
+        if not 1 <= limit <= MAX_AUDIT_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
+        tenant_ref = params.get("tenant")
+        caller_ref = params.get("caller")
+
+        def work(c: Container, _caller: Any) -> dict[str, Any]:
+            tenant = None
+            if tenant_ref:
+                try:
+                    tenant = c.tenants.resolve(normalize_reference(tenant_ref)).tenant_id
+                except UnknownTenant:
+                    tenant = normalize_reference(tenant_ref)  # a removed tenant's GUID still has records
+            caller = normalize_principal(caller_ref) if caller_ref else None
+            records, cursor = c.audit.query(
+                start, end, tenant=tenant, caller=caller, limit=limit, cursor=params.get("cursor")
+            )
+            return {"records": records, "next_cursor": cursor}
+
+        try:
+            result: dict[str, Any] = await run(request, "audit_query", work)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        return result
+
+    async def switch_caller(request: Request, principal: str, enabled: bool) -> dict[str, Any]:
+        try:
+            target = normalize_principal(principal)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
+        def work(c: Container, caller: Any) -> dict[str, Any]:
+            switch = c.callers.set_enabled(target, enabled, by=caller.label)
+            return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
+
+        verb = "enable" if enabled else "disable"
+        result: dict[str, Any] = await run(request, f"caller_{verb}:{target}", work)
+        return result
+
+    async def switch_tenant(request: Request, name: str, enabled: bool) -> dict[str, Any]:
+        ref = normalize_reference(name)
+
+        def work(c: Container, _caller: Any) -> dict[str, Any]:
+            tenant = c.tenants.set_enabled(ref, enabled)
+            return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
+
+        verb = "enable" if enabled else "disable"
+        result: dict[str, Any] = await run(request, f"tenant_{verb}:{ref}", work)
+        return result
+
+    @router.post("/api/admin/callers/{principal}/disable")
+    async def disable_caller(request: Request, principal: str) -> dict[str, Any]:
+        return await switch_caller(request, principal, False)
+
+    @router.post("/api/admin/callers/{principal}/enable")
+    async def enable_caller(request: Request, principal: str) -> dict[str, Any]:
+        return await switch_caller(request, principal, True)
+
+    @router.post("/api/admin/tenants/{name}/disable")
+    async def disable_tenant(request: Request, name: str) -> dict[str, Any]:
+        return await switch_tenant(request, name, False)
+
+    @router.post("/api/admin/tenants/{name}/enable")
+    async def enable_tenant(request: Request, name: str) -> dict[str, Any]:
+        return await switch_tenant(request, name, True)
+
+    return router

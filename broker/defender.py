@@ -1,0 +1,342 @@
+"""The two incident APIs, behind one client: Defender XDR ``/api/incidents`` and Graph ``/security/incidents``.
+
+Both list incidents most recently updated first. The client asks for one *window* page at a time —
+``lastUpdate ge LOW [and lastUpdate le HIGH]``, optionally with ``$skip`` — and leaves the paging strategy
+to :mod:`broker.incidents` (which explains why it builds its own next request instead of trusting a
+``$skip``-based ``@odata.nextLink``).
+
+What goes out: only a token for a tenant GUID from the registry (``TokenIssuer.acquire``, the same cache
+the HTTP API uses), only to URLs built from settings plus fixed paths. An ``@odata.nextLink`` is followed
+only when it points at the very endpoint we called (same scheme, host, port and path), so a hostile or
+broken response cannot make us send a customer's token elsewhere. Incident ids from responses are checked
+(digits only) before they go into a path.
+
+Every request first takes a call from the tenant's :class:`~broker.quota.CallBudget`. Retries are for
+these idempotent GETs only: connection errors, timeouts and 5xx, with full jitter, a cap, and
+``Retry-After`` honoured; a 429 blocks the tenant's budget for the reset time — ``Retry-After`` or the
+window in Defender's body ("maximum allowed 50 per 00:01:00") — and is waited out in-process only when
+that is short (``RetryPolicy.max_wait``); otherwise ``UpstreamThrottled`` tells the sync to defer.
+``RetryPolicy(instant=True)`` makes every wait instant in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from broker.errors import IncidentApiError, RoleMissing, UpstreamThrottled, UpstreamUnavailable
+from broker.quota import CallBudget
+from broker.settings import DEFENDER_SCOPE, GRAPH_SCOPE
+from broker.tenants import Tenant
+from broker.tokens import TokenIssuer
+
+log = logging.getLogger(__name__)
+
+ApiName = Literal["defender", "graph"]
+TICKS_PER_SECOND = 10_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TS = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2}))?(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})?$")
+_WINDOW = re.compile(r"per\s+(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
+_ID = re.compile(r"^[0-9]{1,20}$")
+MAX_RETRY_AFTER = 3600.0
+
+
+# -- time: integer 100-ns ticks, the resolution Microsoft's timestamps carry ----------------------------
+
+
+def parse_ticks(text: str) -> int:
+    """``2020-09-06T14:46:57.0733333Z`` (any fraction, Z or offset) → ticks since the epoch."""
+    match = _TS.match(text.strip())
+    if not match:
+        raise ValueError(f"not an ISO-8601 timestamp: {text[:40]!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=UTC)
+    if zone not in (None, "Z"):
+        sign = 1 if zone[0] == "+" else -1
+        moment -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    delta = moment - _EPOCH
+    ticks = (delta.days * 86_400 + delta.seconds) * TICKS_PER_SECOND
+    return ticks + (int((fraction + "0000000")[:7]) if fraction else 0)
+
+
+def format_ticks(ticks: int) -> str:
+    seconds, rest = divmod(ticks, TICKS_PER_SECOND)
+    return f"{(_EPOCH + timedelta(seconds=seconds)).strftime('%Y-%m-%dT%H:%M:%S')}.{rest:07d}Z"
+
+
+def now_ticks(clock: Callable[[], float] = time.time) -> int:
+    return int(clock() * TICKS_PER_SECOND)
+
+
+# -- the two dialects ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between Defender and Graph: path, page size, field names, scope."""
+
+    name: ApiName
+    path: str
+    top: int
+    time_field: str
+    id_field: str
+    scope: str
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+DEFENDER = Dialect("defender", "/api/incidents", 100, "lastUpdateTime", "incidentId", DEFENDER_SCOPE)
+GRAPH = Dialect("graph", "/security/incidents", 50, "lastUpdateDateTime", "id", GRAPH_SCOPE, (("$expand", "alerts"),))
+DIALECTS: dict[str, Dialect] = {"defender": DEFENDER, "graph": GRAPH}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for idempotent GETs: full jitter, capped; waits longer than ``max_wait`` are not slept."""
+
+    attempts: int = 4
+    base: float = 0.5
+    cap: float = 8.0
+    max_wait: float = 30.0
+    instant: bool = False
+
+    def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
+        return float(rng() * min(self.cap, self.base * 2**attempt))
+
+
+@dataclass
+class Page:
+    """One list response: the incidents (newest first) and the service's next link, if any."""
+
+    incidents: list[dict[str, Any]]
+    next_link: str | None
+
+
+@dataclass
+class CallCounter:
+    """API calls a run has made (every attempt counts: the service counts them too)."""
+
+    calls: int = 0
+    throttled: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, throttled: bool = False) -> None:
+        with self.lock:
+            self.calls += 1
+            self.throttled += int(throttled)
+
+
+def throttle_seconds(response: requests.Response) -> float | None:
+    """How long a 429 asks us to stay away: ``Retry-After``, else the window named in Defender's body."""
+    raw = response.headers.get("Retry-After", "").strip()
+    if raw.isdigit():
+        return min(MAX_RETRY_AFTER, float(raw))
+    try:
+        message = str(response.json().get("error", {}).get("message", ""))
+    except (ValueError, AttributeError):
+        return None
+    match = _WINDOW.search(message)
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return min(MAX_RETRY_AFTER, float(days * 86_400 + hours * 3600 + minutes * 60 + seconds))
+
+
+class IncidentApiClient:
+    """Lists and fetches incidents for one registered tenant at a time."""
+
+    def __init__(
+        self,
+        issuer: TokenIssuer,
+        budget: CallBudget,
+        *,
+        defender_url: str,
+        graph_url: str,
+        retry: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (5.0, 60.0),
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._issuer = issuer
+        self._budget = budget
+        self._defender_url = defender_url.rstrip("/")
+        self._graph_url = graph_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=64)
+            session.mount("https://", adapter)
+        self._session = session
+        self._timeout = timeout
+        self._sleep = sleep
+        self._rng = rng
+
+    def close(self) -> None:
+        self._session.close()
+
+    def dialect(self, tenant: Tenant) -> Dialect:
+        return DIALECTS[tenant.api]
+
+    def endpoint(self, tenant: Tenant) -> str:
+        """The list URL: settings (or the tenant's regional Defender host, itself checked) + a fixed path."""
+        if tenant.api == "graph":
+            return self._graph_url + GRAPH.path
+        return (tenant.defender_url or self._defender_url).rstrip("/") + DEFENDER.path
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def list_page(
+        self,
+        tenant: Tenant,
+        counter: CallCounter,
+        *,
+        low: int,
+        high: int | None = None,
+        skip: int = 0,
+        next_link: str | None = None,
+        max_wait: float | None = None,
+    ) -> Page:
+        """One page of ``lastUpdate ge low [and le high]``, newest first (or the page ``next_link`` names)."""
+        d = self.dialect(tenant)
+        url = self.endpoint(tenant)
+        params: list[tuple[str, str]] | None
+        if next_link is not None:
+            if not _same_endpoint(next_link, url):
+                raise IncidentApiError("the incident API sent a next link to another endpoint", diagnostic=next_link)
+            url, params = next_link, None
+        else:
+            expr = f"{d.time_field} ge {format_ticks(low)}"
+            if high is not None:
+                expr += f" and {d.time_field} le {format_ticks(high)}"
+            params = [("$filter", expr), ("$top", str(d.top)), *d.extra]
+            if skip:
+                params.append(("$skip", str(skip)))
+        body = self._get(tenant, d, url, params, counter, max_wait)
+        value = body.get("value")
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise IncidentApiError("the incident API answered without a list of incidents")
+        link = body.get("@odata.nextLink")
+        return Page(value, link if isinstance(link, str) and link else None)
+
+    def get_incident(
+        self, tenant: Tenant, incident_id: str, counter: CallCounter, *, max_wait: float | None = None
+    ) -> dict[str, Any] | None:
+        """One incident by id (``None`` if the API does not know it)."""
+        if not _ID.fullmatch(incident_id):
+            raise IncidentApiError("an incident id from the API is not numeric", diagnostic=incident_id[:64])
+        d = self.dialect(tenant)
+        params = list(d.extra) or None
+        try:
+            body = self._get(tenant, d, f"{self.endpoint(tenant)}/{incident_id}", params, counter, max_wait)
+        except _NotFoundError:
+            return None
+        body.pop("@odata.context", None)
+        return body
+
+    def _get(
+        self,
+        tenant: Tenant,
+        d: Dialect,
+        url: str,
+        params: list[tuple[str, str]] | None,
+        counter: CallCounter,
+        max_wait: float | None,
+    ) -> dict[str, Any]:
+        limit = self.retry.max_wait if max_wait is None else max_wait
+        attempt = 0
+        while True:
+            self._budget.take(tenant.tenant_id, max_wait=0.0 if self.retry.instant else limit)
+            token = self._issuer.acquire(tenant.tenant_id, d.scope)
+            counter.add()
+            wait: float | None
+            try:
+                response = self._session.get(
+                    url,
+                    params=params,
+                    headers={"Authorization": f"Bearer {token.value}", "Accept": "application/json"},
+                    timeout=self._timeout,
+                )
+            except requests.RequestException as exc:
+                failure: Exception = UpstreamUnavailable(
+                    f"the {d.name} incident API cannot be reached", diagnostic=repr(exc), retry_after=30
+                )
+                wait = None
+                cause: BaseException | None = exc
+            else:
+                cause = None
+                status = response.status_code
+                if status == 200:
+                    try:
+                        data = response.json()
+                    except ValueError as exc:
+                        raise IncidentApiError("the incident API sent a body that is not JSON") from exc
+                    if not isinstance(data, dict):
+                        raise IncidentApiError("the incident API sent a body that is not a JSON object")
+                    return data
+                if status == 404:
+                    raise _NotFoundError()
+                if status == 429:
+                    counter.throttled += 1
+                    seconds = throttle_seconds(response) or 60.0
+                    self._budget.block(tenant.tenant_id, seconds)
+                    log.warning(
+                        "incidents.api tenant=%s api=%s outcome=throttled wait_s=%.0f",
+                        tenant.tenant_id,
+                        d.name,
+                        seconds,
+                    )
+                    if seconds > limit or self.retry.instant:
+                        raise UpstreamThrottled(
+                            f"the {d.name} incident API is throttling this tenant", retry_after=max(1, int(seconds))
+                        )
+                    self._sleep(seconds)
+                    continue  # a throttled call is not a failed attempt: it is waited out, not retried blindly
+                if status in (401, 403):
+                    raise RoleMissing(
+                        f"the {d.name} incident API refused the tenant's token ({status}); check consent and roles",
+                        diagnostic=response.text[:300],
+                    )
+                if status < 500:
+                    raise IncidentApiError(
+                        f"the {d.name} incident API refused the request ({status})", diagnostic=response.text[:300]
+                    )
+                failure = UpstreamUnavailable(
+                    f"the {d.name} incident API failed ({status})", diagnostic=response.text[:300], retry_after=30
+                )
+                raw = response.headers.get("Retry-After", "").strip()
+                wait = float(raw) if raw.isdigit() else None
+            attempt += 1
+            if attempt >= self.retry.attempts:
+                raise failure from cause
+            pause = wait if wait is not None else self.retry.backoff(attempt, self._rng)
+            if pause > limit:
+                raise failure from cause
+            log.info(
+                "incidents.api tenant=%s api=%s outcome=retry attempt=%d wait_s=%.2f",
+                tenant.tenant_id,
+                d.name,
+                attempt,
+                pause,
+            )
+            if not self.retry.instant:
+                self._sleep(pause)
+
+
+class _NotFoundError(Exception):
+    pass
+
+
+def _same_endpoint(link: str, url: str) -> bool:
+    a, b = urlsplit(link), urlsplit(url)
+    return (a.scheme, a.hostname, a.port, a.path.rstrip("/")) == (b.scheme, b.hostname, b.port, b.path.rstrip("/"))
