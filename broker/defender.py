@@ -24,10 +24,9 @@ from __future__ import annotations
 import logging
 import random
 import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -124,16 +123,10 @@ class Page:
 
 @dataclass
 class CallCounter:
-    """API calls a run has made (every attempt counts: the service counts them too)."""
+    """API calls one run has made (every attempt counts: the service counts them too), and its 429s."""
 
     calls: int = 0
     throttled: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, *, throttled: bool = False) -> None:
-        with self.lock:
-            self.calls += 1
-            self.throttled += int(throttled)
 
 
 def throttle_seconds(response: requests.Response) -> float | None:
@@ -258,7 +251,7 @@ class IncidentApiClient:
         while True:
             self._budget.take(tenant.tenant_id, max_wait=0.0 if self.retry.instant else limit)
             token = self._issuer.acquire(tenant.tenant_id, d.scope)
-            counter.add()
+            counter.calls += 1
             wait: float | None
             try:
                 response = self._session.get(
