@@ -342,7 +342,9 @@ class CallerSwitches:
                 entities = list(self._table().query_entities(f"PartitionKey eq '{SWITCH_PARTITION}'"))
             except AzureError as exc:
                 if self._loaded_at != float("-inf"):
+                    # Keep the last snapshot; try storage again in a few seconds, not on every request.
                     log.warning("callers.reload outcome=stale error=%s", exc.__class__.__name__)
+                    self._loaded_at = self._clock() - self.refresh_seconds + 5.0
                     return
                 raise UpstreamUnavailable(
                     "the caller switches cannot be read", diagnostic=repr(exc), retry_after=5

@@ -32,6 +32,8 @@ _GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 RESERVED_NAMES = frozenset({"common", "organizations", "consumers", "adfs", "me", "default", "api"})
 IncidentApi = Literal["defender", "graph"]
 PARTITION = "tenant"
+MISS_RELOAD_SECONDS = 1.0
+RETRY_FAILED_RELOAD_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,9 @@ class TenantRegistry:
         tenant = self.cached(ref)
         if tenant is not None:
             return tenant
-        self._reload(min_age=0.0 if self._stale() else 1.0)
+        # Stale: reload unless another thread just did. Fresh but not found: reload at most once a
+        # second, so a stream of unknown names cannot turn into a stream of table scans.
+        self._reload(min_age=self._refresh_seconds if self._stale() else MISS_RELOAD_SECONDS)
         tenant = self._by_ref.get(ref)
         if tenant is None:
             raise UnknownTenant(f"no tenant named or with the ID {ref!r} is registered")
@@ -141,7 +145,9 @@ class TenantRegistry:
                 entities = list(self._table().query_entities(f"PartitionKey eq '{PARTITION}'"))
             except AzureError as exc:
                 if self._by_ref:
+                    # Keep serving the last snapshot; try storage again in a few seconds, not per request.
                     log.warning("tenants.reload outcome=stale error=%s", exc.__class__.__name__)
+                    self._loaded_at = self._clock() - self._refresh_seconds + RETRY_FAILED_RELOAD_SECONDS
                     return
                 raise UpstreamUnavailable(
                     "the tenant registry cannot be read", diagnostic=repr(exc), retry_after=5

@@ -95,8 +95,18 @@ def incident_sync(
     )
 
 
+def quiet_sdk_loggers() -> None:
+    """The Azure SDKs log every HTTP request and response at INFO (headers included): at the broker's
+    request rates that formatting costs more than the requests themselves and floods the log. Keep
+    their warnings; an operator who sets a level on the ``azure`` logger explicitly keeps that level."""
+    sdk = logging.getLogger("azure")
+    if sdk.level == logging.NOTSET:
+        sdk.setLevel(logging.WARNING)
+
+
 def build(settings: Settings, *, bind_host: str | None = None) -> Container:
     """Build every dependency from ``settings``. ``bind_host`` is the HTTP bind when serving with uvicorn."""
+    quiet_sdk_loggers()
     if settings.caller_auth == "none" and not (bind_host and is_loopback_host(bind_host)):
         raise SettingsError(["CALLER_AUTH: 'none' is accepted only when serving on a loopback address"])
     identity = azure_identity(settings)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
+
 import pytest
 
-from broker.errors import InvalidTenant
-from broker.tenants import Tenant, canonical_guid, check_defender_url, normalize_reference
+from broker.errors import InvalidTenant, UnknownTenant
+from broker.tenants import Tenant, TenantRegistry, canonical_guid, check_defender_url, normalize_reference
 
 GUID = "0b6c1a4e-5f1d-4c3b-9a8e-2d7f6e5c4b3a"
 
@@ -70,3 +73,44 @@ def test_regional_defender_urls_are_only_microsoft_hosts(url: str) -> None:
 
 def test_a_regional_defender_url_is_accepted() -> None:
     check_defender_url("https://eu.api.security.microsoft.com")
+
+
+class _CountingTable:
+    """A stand-in table that counts scans (the registry's only read)."""
+
+    def __init__(self, rows: list[dict[str, object]]) -> None:
+        self.rows = rows
+        self.scans = 0
+
+    def query_entities(self, *_: object, **__: object) -> list[dict[str, object]]:
+        self.scans += 1
+        time.sleep(0.02)
+        return list(self.rows)
+
+
+def test_a_stale_snapshot_is_reloaded_once_however_many_requests_wait() -> None:
+    """Requests that queue behind a reload use its result instead of reloading again (no reload storm)."""
+    now = [0.0]
+    table = _CountingTable([{"RowKey": "contoso", "TenantId": GUID}])
+    registry = TenantRegistry(lambda: table, refresh_seconds=10, clock=lambda: now[0])  # type: ignore[arg-type,return-value]
+    assert registry.resolve("contoso").tenant_id == GUID
+    now[0] = 11.0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(registry.resolve, ["contoso"] * 64))
+    assert {t.tenant_id for t in found} == {GUID}
+    assert table.scans == 2
+
+
+def test_unknown_names_reload_at_most_once_a_second() -> None:
+    now = [0.0]
+    table = _CountingTable([{"RowKey": "contoso", "TenantId": GUID}])
+    registry = TenantRegistry(lambda: table, refresh_seconds=10, clock=lambda: now[0])  # type: ignore[arg-type,return-value]
+    registry.resolve("contoso")
+    for name in ("nobody1", "nobody2", "nobody3"):
+        with pytest.raises(UnknownTenant):
+            registry.resolve(name)
+    assert table.scans == 1
+    now[0] = 1.5
+    with pytest.raises(UnknownTenant):
+        registry.resolve("nobody4")
+    assert table.scans == 2
