@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import ResourceExistsError
@@ -26,7 +27,7 @@ class StorageAccount:
     def __init__(self, settings: StorageSettings, credential: TokenCredential | None = None) -> None:
         self.prefix = settings.prefix
         self._lock = threading.Lock()
-        self._created: set[str] = set()
+        self._clients: dict[tuple[str, str], Any] = {}
         kwargs: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20}
         if settings.connection_string:
             conn = settings.connection_string.reveal()
@@ -47,29 +48,39 @@ class StorageAccount:
         return f"{self.prefix}{sep}{suffix}"
 
     def table(self, suffix: str) -> TableClient:
-        name = self.name(suffix)
-        client = self.tables.get_table_client(name)
-        self._ensure(("table", name), client.create_table)
-        return client
+        return cast(TableClient, self._client(("table", self.name(suffix))))
 
     def queue(self, name: str) -> QueueClient:
-        client = self.queues.get_queue_client(name)
-        self._ensure(("queue", name), client.create_queue)
-        return client
+        return cast(QueueClient, self._client(("queue", name)))
 
     def container(self, suffix: str) -> ContainerClient:
-        name = self.name(suffix, sep="-")
-        client = self.blobs.get_container_client(name)
-        self._ensure(("container", name), client.create_container)
-        return client
+        return cast(ContainerClient, self._client(("container", self.name(suffix, sep="-"))))
 
-    def _ensure(self, key: tuple[str, str], create: Any) -> None:
-        marker = ":".join(key)
-        if marker in self._created:
-            return
+    def _client(self, key: tuple[str, str]) -> Any:
+        """One client per table, queue or container, built (and its resource created) once, under a lock.
+
+        ``get_table_client`` and its kin build a pipeline over the service client's *shared* policy objects
+        and re-link them as they go; two threads doing that at once leave a policy without its ``next``
+        (seen under the incident sync's parallel tenants as an AttributeError inside azure-core).
+        """
+        client = self._clients.get(key)
+        if client is not None:
+            return client
         with self._lock:
-            if marker in self._created:
-                return
-            with contextlib.suppress(ResourceExistsError):
-                create()
-            self._created.add(marker)
+            client = self._clients.get(key)
+            if client is None:
+                kind, name = key
+                create: Callable[[], object]
+                if kind == "table":
+                    client = self.tables.get_table_client(name)
+                    create = client.create_table
+                elif kind == "queue":
+                    client = self.queues.get_queue_client(name)
+                    create = client.create_queue
+                else:
+                    client = self.blobs.get_container_client(name)
+                    create = client.create_container
+                with contextlib.suppress(ResourceExistsError):
+                    create()
+                self._clients[key] = client
+            return client
