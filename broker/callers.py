@@ -33,17 +33,17 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import jwt
-from azure.core.exceptions import AzureError
 from azure.data.tables import TableClient, UpdateMode
 
 from broker.errors import CallerDisabled, Unauthenticated, UpstreamUnavailable
+from broker.storage import PartitionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,10 @@ class CallerSwitch:
     updated_by: str
 
 
+def _disabled(entities: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    return frozenset(str(e["RowKey"]) for e in entities if not e.get("Enabled", True))
+
+
 class CallerSwitches:
     """Disabled callers, in a storage table, served from a snapshot re-read every ``refresh_seconds``."""
 
@@ -316,18 +320,26 @@ class CallerSwitches:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
-        self.refresh_seconds = refresh_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._disabled: frozenset[str] = frozenset()
-        self._loaded_at = float("-inf")
+        self._snapshot = PartitionSnapshot(
+            table, SWITCH_PARTITION, _disabled, what="caller switches", refresh_seconds=refresh_seconds, clock=clock
+        )
+
+    @property
+    def refresh_seconds(self) -> float:
+        """The bound within which a switch set on any instance (or the CLI) reaches this one."""
+        return self._snapshot.refresh_seconds
+
+    @refresh_seconds.setter
+    def refresh_seconds(self, seconds: float) -> None:
+        self._snapshot.refresh_seconds = seconds
 
     def fresh(self) -> bool:
-        return self._clock() - self._loaded_at < self.refresh_seconds
+        return self._snapshot.fresh()
 
     def check(self, caller: Caller) -> None:
         """Raise ``CallerDisabled`` if any id of ``caller`` is switched off (snapshot only, no I/O)."""
-        if any(p in self._disabled for p in caller.principals):
+        disabled = self._snapshot.value or frozenset()
+        if any(p in disabled for p in caller.principals):
             raise CallerDisabled(f"caller {caller.label} is disabled", diagnostic="caller_disabled")
 
     async def ensure_fresh(self) -> None:
@@ -335,22 +347,7 @@ class CallerSwitches:
             await asyncio.to_thread(self.reload)
 
     def reload(self) -> None:
-        with self._lock:
-            if self.fresh():
-                return
-            try:
-                entities = list(self._table().query_entities(f"PartitionKey eq '{SWITCH_PARTITION}'"))
-            except AzureError as exc:
-                if self._loaded_at != float("-inf"):
-                    # Keep the last snapshot; try storage again in a few seconds, not on every request.
-                    log.warning("callers.reload outcome=stale error=%s", exc.__class__.__name__)
-                    self._loaded_at = self._clock() - self.refresh_seconds + 5.0
-                    return
-                raise UpstreamUnavailable(
-                    "the caller switches cannot be read", diagnostic=repr(exc), retry_after=5
-                ) from exc
-            self._disabled = frozenset(str(e["RowKey"]) for e in entities if not e.get("Enabled", True))
-            self._loaded_at = self._clock()
+        self._snapshot.get()
 
     def set_enabled(self, principal: str, enabled: bool, *, by: str) -> CallerSwitch:
         switch = CallerSwitch(
@@ -367,8 +364,7 @@ class CallerSwitches:
             "UpdatedBy": by,
         }
         self._table().upsert_entity(entity, mode=UpdateMode.REPLACE)
-        with self._lock:
-            self._loaded_at = float("-inf")
+        self._snapshot.invalidate()
         return switch
 
     def all(self) -> list[CallerSwitch]:

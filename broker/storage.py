@@ -8,17 +8,25 @@ with the managed identity) — the same two forms the Functions host itself acce
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Callable
-from typing import Any, cast
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar, cast
 
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient
 
+from broker.errors import UpstreamUnavailable
 from broker.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_FAILED_RELOAD_SECONDS = 5.0
 
 
 class StorageAccount:
@@ -84,3 +92,71 @@ class StorageAccount:
                     create()
                 self._clients[key] = client
             return client
+
+
+class PartitionSnapshot(Generic[T]):
+    """One table partition held in memory as a value built from its entities, re-read every
+    ``refresh_seconds`` — the bound within which a change made elsewhere (another instance, the CLI)
+    is seen, e.g. a kill switch.
+
+    However many threads find it stale, one reads the table and the rest use what it read. When the
+    table cannot be read, the last good value keeps serving and storage is tried again after a few
+    seconds, not on every request; with no value yet, the caller gets ``UpstreamUnavailable``.
+    """
+
+    def __init__(
+        self,
+        table: Callable[[], TableClient],
+        partition: str,
+        build: Callable[[Sequence[Mapping[str, Any]]], T],
+        *,
+        what: str,
+        refresh_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.refresh_seconds = refresh_seconds
+        self._table = table
+        self._partition = partition
+        self._build = build
+        self._what = what
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._loaded_at = float("-inf")
+
+    @property
+    def value(self) -> T | None:
+        """The last value read, however old (no I/O)."""
+        return self._value
+
+    def fresh(self) -> bool:
+        return self._clock() - self._loaded_at < self.refresh_seconds
+
+    def current(self) -> T | None:
+        """The value if it is fresh, else None (no I/O)."""
+        return self._value if self.fresh() else None
+
+    def get(self, max_age: float | None = None) -> T:
+        """The value, re-read first if it is older than ``max_age`` (default: ``refresh_seconds``)."""
+        limit = self.refresh_seconds if max_age is None else max_age
+        with self._lock:
+            if self._value is not None and self._clock() - self._loaded_at < limit:
+                return self._value
+            try:
+                entities = list(self._table().query_entities("PartitionKey eq @pk", parameters={"pk": self._partition}))
+            except AzureError as exc:
+                if self._value is not None:
+                    log.warning("%s.reload outcome=stale error=%s", self._what, exc.__class__.__name__)
+                    self._loaded_at = self._clock() - self.refresh_seconds + RETRY_FAILED_RELOAD_SECONDS
+                    return self._value
+                raise UpstreamUnavailable(
+                    f"the {self._what} cannot be read", diagnostic=repr(exc), retry_after=5
+                ) from exc
+            self._value = self._build(entities)
+            self._loaded_at = self._clock()
+            return self._value
+
+    def invalidate(self) -> None:
+        """Make the next read go to the table (after this instance changed it)."""
+        with self._lock:
+            self._loaded_at = float("-inf")

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from broker.errors import InvalidTenant, NotFound, UnknownTenant, UpstreamUnavailable
+from broker.errors import InvalidTenant, NotFound, UnknownTenant
+from broker.storage import PartitionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ RESERVED_NAMES = frozenset({"common", "organizations", "consumers", "adfs", "me"
 IncidentApi = Literal["defender", "graph"]
 PARTITION = "tenant"
 MISS_RELOAD_SECONDS = 1.0
-RETRY_FAILED_RELOAD_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -102,19 +101,16 @@ class TenantRegistry:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
-        self._refresh_seconds = refresh_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._by_ref: dict[str, Tenant] = {}
-        self._loaded_at = float("-inf")
+        self._snapshot = PartitionSnapshot(
+            table, PARTITION, _index, what="tenant registry", refresh_seconds=refresh_seconds, clock=clock
+        )
 
     # -- reads -------------------------------------------------------------------------------------
 
     def cached(self, reference: str) -> Tenant | None:
         """The tenant for a normalized reference from a fresh snapshot, without I/O; None if unsure."""
-        if self._clock() - self._loaded_at >= self._refresh_seconds:
-            return None
-        return self._by_ref.get(reference)
+        snapshot = self._snapshot.current()
+        return snapshot.get(reference) if snapshot is not None else None
 
     def resolve(self, value: object) -> Tenant:
         """The registered tenant a caller named, by name or GUID."""
@@ -122,47 +118,17 @@ class TenantRegistry:
         tenant = self.cached(ref)
         if tenant is not None:
             return tenant
-        # Stale: reload unless another thread just did. Fresh but not found: reload at most once a
-        # second, so a stream of unknown names cannot turn into a stream of table scans.
-        self._reload(min_age=self._refresh_seconds if self._stale() else MISS_RELOAD_SECONDS)
-        tenant = self._by_ref.get(ref)
+        # Stale: re-read (once, however many requests wait). Fresh but not found: re-read at most once
+        # a second, so a stream of unknown names cannot become a stream of table scans.
+        snapshot = self._snapshot.get(MISS_RELOAD_SECONDS if self._snapshot.fresh() else None)
+        tenant = snapshot.get(ref)
         if tenant is None:
             raise UnknownTenant(f"no tenant named or with the ID {ref!r} is registered")
         return tenant
 
     def all(self) -> list[Tenant]:
-        self._reload(min_age=0.0)
-        return sorted({t.name: t for t in self._by_ref.values()}.values(), key=lambda t: t.name)
-
-    def _stale(self) -> bool:
-        return self._clock() - self._loaded_at >= self._refresh_seconds
-
-    def _reload(self, *, min_age: float) -> None:
-        with self._lock:
-            if self._clock() - self._loaded_at < min_age:
-                return
-            try:
-                entities = list(self._table().query_entities(f"PartitionKey eq '{PARTITION}'"))
-            except AzureError as exc:
-                if self._by_ref:
-                    # Keep serving the last snapshot; try storage again in a few seconds, not per request.
-                    log.warning("tenants.reload outcome=stale error=%s", exc.__class__.__name__)
-                    self._loaded_at = self._clock() - self._refresh_seconds + RETRY_FAILED_RELOAD_SECONDS
-                    return
-                raise UpstreamUnavailable(
-                    "the tenant registry cannot be read", diagnostic=repr(exc), retry_after=5
-                ) from exc
-            snapshot: dict[str, Tenant] = {}
-            for entity in entities:
-                try:
-                    tenant = _from_entity(entity)
-                except (KeyError, ValueError) as exc:
-                    log.error("tenants.reload skipped=%s reason=%s", entity.get("RowKey"), exc)
-                    continue
-                snapshot[tenant.name] = tenant
-                snapshot[tenant.tenant_id] = tenant
-            self._by_ref = snapshot
-            self._loaded_at = self._clock()
+        snapshot = self._snapshot.get(0.0)
+        return sorted({t.name: t for t in snapshot.values()}.values(), key=lambda t: t.name)
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -207,15 +173,22 @@ class TenantRegistry:
             raise NotFound(f"tenant {name!r} is not registered") from exc
         self._invalidate()
 
-    def load(self, tenants: Iterable[Tenant]) -> None:
-        """Replace the snapshot (for callers that already hold the list)."""
-        with self._lock:
-            self._by_ref = {ref: t for t in tenants for ref in (t.name, t.tenant_id)}
-            self._loaded_at = self._clock()
-
     def _invalidate(self) -> None:
-        with self._lock:
-            self._loaded_at = float("-inf")
+        self._snapshot.invalidate()
+
+
+def _index(entities: Sequence[Mapping[str, Any]]) -> dict[str, Tenant]:
+    """Tenants by name and by GUID; a malformed row is logged and skipped, never served."""
+    snapshot: dict[str, Tenant] = {}
+    for entity in entities:
+        try:
+            tenant = _from_entity(entity)
+        except (KeyError, ValueError) as exc:
+            log.error("tenants.reload skipped=%s reason=%s", entity.get("RowKey"), exc)
+            continue
+        snapshot[tenant.name] = tenant
+        snapshot[tenant.tenant_id] = tenant
+    return snapshot
 
 
 def _to_entity(tenant: Tenant) -> dict[str, object]:
@@ -230,7 +203,7 @@ def _to_entity(tenant: Tenant) -> dict[str, object]:
     }
 
 
-def _from_entity(entity: dict[str, object]) -> Tenant:
+def _from_entity(entity: Mapping[str, object]) -> Tenant:
     api = str(entity.get("Api") or "defender")
     return Tenant(
         name=str(entity["RowKey"]),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import pytest
+from azure.core.exceptions import ServiceRequestError
+
+from broker.errors import UpstreamUnavailable
 from broker.settings import Secret, StorageSettings
-from broker.storage import StorageAccount
+from broker.storage import RETRY_FAILED_RELOAD_SECONDS, PartitionSnapshot, StorageAccount
 
 
 def test_each_client_is_built_and_created_once_under_concurrency(azurite: str) -> None:
@@ -31,3 +35,49 @@ def test_names_carry_the_prefix(azurite: str) -> None:
     account = StorageAccount(StorageSettings(Secret(azurite), None, "tpre"))
     assert account.table("tenants").table_name == "tpretenants"
     assert account.container("incidents").container_name == "tpre-incidents"
+
+
+class _FlakyTable:
+    def __init__(self) -> None:
+        self.rows = [{"RowKey": "a"}]
+        self.fail = False
+        self.reads = 0
+
+    def query_entities(self, *_: object, **__: object) -> list[dict[str, object]]:
+        self.reads += 1
+        if self.fail:
+            raise ServiceRequestError("storage is unreachable")
+        return list(self.rows)
+
+
+def test_a_snapshot_keeps_serving_through_a_storage_outage_and_backs_off() -> None:
+    """The last good value serves; storage is tried again after the back-off, not on every read."""
+    now = [0.0]
+    table = _FlakyTable()
+    snapshot = PartitionSnapshot(
+        lambda: table,  # type: ignore[arg-type,return-value]
+        "p",
+        lambda rows: [r["RowKey"] for r in rows],
+        what="things",
+        refresh_seconds=10,
+        clock=lambda: now[0],
+    )
+    assert snapshot.get() == ["a"]
+    table.fail = True
+    now[0] = 11.0
+    for _ in range(5):
+        assert snapshot.get() == ["a"]
+    assert table.reads == 2
+    now[0] = 11.0 + RETRY_FAILED_RELOAD_SECONDS + 0.1
+    table.fail = False
+    table.rows = [{"RowKey": "b"}]
+    assert snapshot.get() == ["b"]
+    assert table.reads == 3
+
+
+def test_a_snapshot_with_nothing_read_yet_reports_the_outage() -> None:
+    table = _FlakyTable()
+    table.fail = True
+    snapshot = PartitionSnapshot(lambda: table, "p", list, what="things")  # type: ignore[arg-type,return-value]
+    with pytest.raises(UpstreamUnavailable, match="things"):
+        snapshot.get()
