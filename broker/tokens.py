@@ -14,6 +14,7 @@ into the error tree; the raw MSAL result never leaves this module.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -62,9 +63,10 @@ class AccessToken:
     def expires_in(self, now: float) -> int:
         return int(self.expires_on - now)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A short hash naming the token in logs and audit records without revealing it."""
+        """A short hash naming the token in logs and audit records without revealing it (computed once
+        per token, not per request: a cached token is handed out many times)."""
         return hashlib.sha256(self.value.encode()).hexdigest()[:16]
 
 
