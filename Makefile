@@ -1,13 +1,13 @@
-# One command per workflow. CI runs `make test` through .ci/run on a fresh machine, so every tool the
-# targets need is installed here: the virtual environments from the requirements files, Azurite from
-# package-lock.json.
+# One command per workflow. CI runs `make check` through .ci/run on a fresh machine, so every tool the
+# targets need is installed here: the virtual environments from the requirements files (.venv-infra too),
+# Azurite from package-lock.json.
 
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 
-.PHONY: run test lint bench deps clean
+.PHONY: run test lint check bench deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,12 +35,17 @@ run: deps
 test: deps
 	$(PY) -m pytest
 
-## Style, types, and offline validation of the Bicep templates.
+## Style, formatting, types (mypy --strict over broker/, function_app.py, sandbox/, bench/), and offline
+## validation of the Bicep templates.
 lint: deps $(INFRA_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(INFRA_VENV)/bin/python infra/validate.py
+
+## What CI runs (.ci/run), and what to run before a push: lint, then the whole suite.
+check: lint
+	$(PY) -m pytest
 
 ## Benchmarks; each prints its figures against a baseline measured in the same run.
 bench: deps

@@ -98,8 +98,15 @@ def storage_floor(connection_string: str, *, reps: int, compare: bool) -> tuple[
         if compare:
             print("\nstoring N records in one round trip on Azurite (p50 / p99 ms, per record at p50):")
             for n in (1, 4, 16, 32):
-                tx = _timed(lambda n=n: table.submit_transaction([("create", e) for e in rows.singles(n)]), reps)
-                block = _timed(lambda n=n: table.create_entity(rows.block(n)), reps)
+
+                def transaction(n: int = n) -> object:
+                    return table.submit_transaction([("create", e) for e in rows.singles(n)])
+
+                def one_row(n: int = n) -> object:
+                    return table.create_entity(rows.block(n))
+
+                tx = _timed(transaction, reps)
+                block = _timed(one_row, reps)
                 print(
                     f"  N={n:<3} transaction of N rows {tx[0]:7.2f} / {tx[1]:7.2f} ({tx[0] / n:5.2f})   "
                     f"one row holding N {block[0]:6.2f} / {block[1]:6.2f} ({block[0] / n:5.2f})"
