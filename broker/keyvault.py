@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509 import load_pem_x509_certificates
 
+from broker.clouds import is_loopback_host
 from broker.errors import CredentialUnavailable
-from broker.settings import is_loopback_host
 
 log = logging.getLogger(__name__)
 

@@ -7,22 +7,30 @@ catalogue: the README table, ``local.settings.sample.json`` and the Bicep templa
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from broker.clouds import (
+    CLOUDS,
+    Cloud,
+    EndpointRefused,
+    check_authority,
+    check_defender,
+    check_graph,
+    check_key_vault,
+    scope_cloud,
+)
 from broker.policy import Policy, PolicyError
 
-DEFENDER_SCOPE = "https://api.security.microsoft.com/.default"
-GRAPH_SCOPE = "https://graph.microsoft.com/.default"
-DEFAULT_SCOPE_ROLES = {DEFENDER_SCOPE: "Incident.Read.All", GRAPH_SCOPE: "SecurityIncident.Read.All"}
+DEFENDER_SCOPE = CLOUDS["public"].defender_scope
+GRAPH_SCOPE = CLOUDS["public"].graph_scope
 AZURITE_CONNECTION_STRING = (
     "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
     "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
@@ -70,7 +78,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Empty: system-assigned identity, or developer login locally.",
         "",
     ),
-    Setting("AUTHORITY_HOST", "Entra ID authority host.", "https://login.microsoftonline.com"),
+    Setting(
+        "AZURE_CLOUD",
+        "`public`, `usgovernment` (GCC High and DoD) or `china`: picks the default Entra ID, Defender, Graph "
+        "and Key Vault hosts and scopes, and the only hosts the endpoint settings may name (loopback aside).",
+        "public",
+    ),
+    Setting("AUTHORITY_HOST", "Entra ID authority host. Empty: the cloud's (`https://login.microsoftonline.com`).", ""),
     Setting(
         "AzureWebJobsStorage",
         "Storage connection string (`UseDevelopmentStorage=true` for Azurite). In Azure use the "
@@ -80,16 +94,25 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("AzureWebJobsStorage__accountName", "Storage account name for identity-based access.", ""),
     Setting("STORAGE_PREFIX", "Prefix of the broker's tables, queues and containers.", "broker"),
-    Setting("ALLOWED_SCOPES", "Comma-separated scopes callers may ask for.", f"{DEFENDER_SCOPE},{GRAPH_SCOPE}"),
+    Setting(
+        "ALLOWED_SCOPES",
+        "Comma-separated scopes callers may ask for. Empty: the cloud's Defender XDR and Graph `/.default` scopes.",
+        "",
+    ),
     Setting(
         "SCOPE_ROLES",
-        "JSON object: the app role each scope's tokens must carry (checked on every new token).",
-        json.dumps(DEFAULT_SCOPE_ROLES),
+        "JSON object: the app role each scope's tokens must carry (checked on every new token). Empty: "
+        "`Incident.Read.All` for Defender XDR, `SecurityIncident.Read.All` for Graph.",
+        "",
     ),
     Setting("SECRET_REFRESH_SECONDS", "How long a credential read from Key Vault is used before re-reading.", "300"),
     Setting("CALLER_AUTH", "`entra` (callers present Entra tokens) or `none` (loopback development only).", "entra"),
     Setting("CALLER_TENANT_ID", "Home tenant (GUID) of the internal callers; required with `entra`.", ""),
-    Setting("CALLER_AUDIENCE", "Audience of caller tokens (the broker's app ID URI or client ID).", ""),
+    Setting(
+        "CALLER_AUDIENCE",
+        "Audience of caller tokens: `api://<BROKER_CLIENT_ID>` (v1 tokens) or the client ID itself (v2).",
+        "",
+    ),
     Setting(
         "CALLER_POLICY",
         "JSON policy (deny by default): which caller (object or app id) may have which tenants, groups of "
@@ -102,8 +125,17 @@ SETTINGS: tuple[Setting, ...] = (
         "600",
     ),
     Setting("AUDIT_MODE", "`strict`: no token leaves unless its audit record was written; `best_effort`.", "strict"),
-    Setting("DEFENDER_API_URL", "Defender XDR API base URL.", "https://api.security.microsoft.com"),
-    Setting("GRAPH_API_URL", "Microsoft Graph base URL with version.", "https://graph.microsoft.com/v1.0"),
+    Setting(
+        "DEFENDER_API_URL",
+        "Defender XDR API base URL. Empty: the cloud's (`https://api.security.microsoft.com`); per-tenant "
+        "regional hosts are set in the registry (`tenants add --region`).",
+        "",
+    ),
+    Setting(
+        "GRAPH_API_URL",
+        "Microsoft Graph base URL with version. Empty: the cloud's (`https://graph.microsoft.com/v1.0`).",
+        "",
+    ),
     Setting("INCIDENT_SYNC_SCHEDULE", "NCRONTAB schedule of the incident prefetch timer.", "0 */5 * * * *"),
     Setting("INCIDENT_SYNC_QUEUE", "Queue of per-tenant sync messages.", "incident-sync"),
     Setting("SYNC_OVERLAP_SECONDS", "Watermark overlap window re-read on every sync.", "300"),
@@ -150,6 +182,7 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    cloud: Cloud
     broker_client_id: str
     key_vault_url: str
     credential_mode: CredentialMode
@@ -203,15 +236,6 @@ def is_guid(value: str) -> bool:
         return False
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class _Parser:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.env = environ
@@ -233,17 +257,6 @@ class _Parser:
             return ""
         if not is_guid(value):
             self.fail(name, "not a GUID")
-        return value
-
-    def https_url(self, name: str, *, required: bool = True) -> str:
-        value = self.get(name).rstrip("/")
-        if not value:
-            if required:
-                self.fail(name, "missing (an https URL)")
-            return ""
-        parts = urlsplit(value)
-        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or "@" in parts.netloc:
-            self.fail(name, "not an https URL without credentials, query or fragment")
         return value
 
     def integer(self, name: str, low: int, high: int) -> int:
@@ -271,35 +284,35 @@ class _Parser:
         return value
 
     def parse(self) -> Settings:
+        cloud = CLOUDS[self.choice("AZURE_CLOUD", tuple(CLOUDS))]
         mode = self.choice("CLIENT_CREDENTIAL_MODE", ("secret", "certificate", "federated"))
         mi_client_id = self.guid("MANAGED_IDENTITY_CLIENT_ID", required=mode == "federated")
         caller_auth = self.choice("CALLER_AUTH", ("entra", "none"))
-        scopes = tuple(s.strip() for s in self.get("ALLOWED_SCOPES").split(",") if s.strip())
-        if not scopes:
-            self.fail("ALLOWED_SCOPES", "no scope listed")
-        for scope in scopes:
-            if not scope.endswith("/.default") or not urlsplit(scope).scheme:
-                self.fail("ALLOWED_SCOPES", f"{scope!r} is not a resource '/.default' scope")
+        client_id = self.guid("BROKER_CLIENT_ID", required=True)
+        scopes = self._scopes(cloud)
         settings = Settings(
-            broker_client_id=self.guid("BROKER_CLIENT_ID", required=True),
-            key_vault_url=self.https_url("KEY_VAULT_URL", required=mode != "federated"),
+            cloud=cloud,
+            broker_client_id=client_id,
+            key_vault_url=self.endpoint("KEY_VAULT_URL", "", check_key_vault, cloud, required=mode != "federated"),
             credential_mode=mode,  # type: ignore[arg-type]
             client_secret_name=self.pattern("CLIENT_SECRET_NAME", _KV_NAME, "a Key Vault secret name"),
             client_certificate_name=self.pattern("CLIENT_CERTIFICATE_NAME", _KV_NAME, "a Key Vault name"),
             managed_identity_client_id=mi_client_id or None,
-            authority_host=self.https_url("AUTHORITY_HOST"),
+            authority_host=self.endpoint("AUTHORITY_HOST", cloud.authority_host, check_authority, cloud),
             storage=self._storage(),
             allowed_scopes=scopes,
-            scope_roles=self._scope_roles(scopes),
+            scope_roles=self._scope_roles(scopes, cloud),
             secret_refresh_seconds=self.integer("SECRET_REFRESH_SECONDS", 1, 86_400),
             caller_auth=caller_auth,  # type: ignore[arg-type]
             caller_tenant_id=self.guid("CALLER_TENANT_ID", required=caller_auth == "entra") or None,
-            caller_audience=self._caller_audience(required=caller_auth == "entra"),
+            caller_audience=self._caller_audience(client_id, required=caller_auth == "entra"),
             caller_policy=self._caller_policy(scopes, caller_auth),
             caller_rate_per_minute=self.integer("CALLER_RATE_PER_MINUTE", 1, 1_000_000),
             audit_mode=self.choice("AUDIT_MODE", ("strict", "best_effort")),  # type: ignore[arg-type]
-            defender_api_url=self.https_url("DEFENDER_API_URL"),
-            graph_api_url=self.https_url("GRAPH_API_URL"),
+            defender_api_url=self.endpoint(
+                "DEFENDER_API_URL", cloud.defender_url, check_defender, cloud, required=bool(cloud.defender_url)
+            ),
+            graph_api_url=self.endpoint("GRAPH_API_URL", cloud.graph_url, check_graph, cloud),
             sync_queue=self.pattern("INCIDENT_SYNC_QUEUE", _QUEUE, "a storage queue name"),
             sync_overlap_seconds=self.integer("SYNC_OVERLAP_SECONDS", 0, 86_400),
             sync_lookback_days=self.integer("SYNC_LOOKBACK_DAYS", 1, 3650),
@@ -310,6 +323,35 @@ class _Parser:
         if self.problems:
             raise SettingsError(self.problems)
         return settings
+
+    def endpoint(
+        self, name: str, preset: str, check: Callable[[str, Cloud], None], cloud: Cloud, *, required: bool = True
+    ) -> str:
+        """An endpoint URL: the setting, else the cloud's preset; a documented host of that cloud or loopback."""
+        value = self.get(name).rstrip("/") or preset
+        if not value:
+            if required:
+                self.fail(name, f"missing (an https URL; the {cloud.name} cloud has no default)")
+            return ""
+        try:
+            check(value, cloud)
+        except EndpointRefused as exc:
+            self.fail(name, str(exc))
+        return value
+
+    def _scopes(self, cloud: Cloud) -> tuple[str, ...]:
+        raw = self.get("ALLOWED_SCOPES")
+        scopes = tuple(s.strip() for s in raw.split(",") if s.strip()) if raw else cloud.allowed_scopes
+        if not scopes:
+            self.fail("ALLOWED_SCOPES", "no scope listed")
+        for scope in scopes:
+            if not scope.endswith("/.default") or not urlsplit(scope).scheme:
+                self.fail("ALLOWED_SCOPES", f"{scope!r} is not a resource '/.default' scope")
+                continue
+            owner = scope_cloud(scope)
+            if owner is not None and owner is not cloud:
+                self.fail("ALLOWED_SCOPES", f"{scope!r} belongs to the {owner.name} cloud, not {cloud.name}")
+        return scopes
 
     def _storage(self) -> StorageSettings:
         connection = self.get("AzureWebJobsStorage")
@@ -323,19 +365,27 @@ class _Parser:
             self.fail("AzureWebJobsStorage__accountName", "not a storage account name")
         return StorageSettings(Secret(connection) if connection else None, account or None, prefix)
 
-    def _scope_roles(self, scopes: tuple[str, ...]) -> dict[str, str]:
-        try:
-            roles: Any = json.loads(self.get("SCOPE_ROLES"))
-        except ValueError:
-            self.fail("SCOPE_ROLES", "not JSON")
-            return {}
+    def _scope_roles(self, scopes: tuple[str, ...], cloud: Cloud) -> dict[str, str]:
+        raw = self.get("SCOPE_ROLES")
+        if not raw:
+            roles: Any = dict(cloud.scope_roles)
+        else:
+            try:
+                roles = json.loads(raw)
+            except ValueError:
+                self.fail("SCOPE_ROLES", "not JSON")
+                return {}
         if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
             self.fail("SCOPE_ROLES", "must be a JSON object of scope to role name")
             return {}
+        for scope, role in roles.items():
+            if not role.strip():
+                # An empty role would switch the issued-token role check off for that scope.
+                self.fail("SCOPE_ROLES", f"the role for {scope!r} is empty")
         for scope in scopes:
             if scope not in roles:
                 self.fail("SCOPE_ROLES", f"names no role for allowed scope {scope!r}")
-        return {str(k): v for k, v in roles.items()}
+        return {str(k): v.strip() for k, v in roles.items()}
 
     def _caller_policy(self, scopes: tuple[str, ...], caller_auth: str) -> Policy:
         if caller_auth == "none":
@@ -346,8 +396,19 @@ class _Parser:
             self.problems.extend(f"CALLER_POLICY: {problem}" for problem in exc.problems)
             return Policy()
 
-    def _caller_audience(self, *, required: bool) -> str | None:
+    def _caller_audience(self, client_id: str, *, required: bool) -> str | None:
+        """``api://<client id>`` (the app ID URI of v1 tokens) or the client ID (v2 tokens), nothing else.
+
+        Other app ID URIs (a verified-domain ``https://…``, ``api://<tenant>/…``) are refused on purpose:
+        the broker then accepts only audiences derived from its own client ID, so a mistyped or foreign
+        audience cannot widen what it accepts. An app registration that uses another URI adds
+        ``api://<client id>`` as a second identifier URI, or callers ask for v2 tokens.
+        """
         value = self.get("CALLER_AUDIENCE")
-        if not value and required:
-            self.fail("CALLER_AUDIENCE", "missing (the broker's app ID URI, e.g. api://<client id>)")
-        return value or None
+        if not value:
+            if required:
+                self.fail("CALLER_AUDIENCE", "missing (the broker's app ID URI, api://<client id>)")
+            return None
+        if client_id and value.lower() not in (f"api://{client_id}", client_id):
+            self.fail("CALLER_AUDIENCE", "must be api://<BROKER_CLIENT_ID> or BROKER_CLIENT_ID itself")
+        return value.lower()

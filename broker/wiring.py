@@ -17,13 +17,14 @@ from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
 from broker.audit import AuditLog
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
+from broker.clouds import is_loopback_host
 from broker.defender import IncidentApiClient
 from broker.errors import NotConfigured
 from broker.incidents import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
 from broker.policy import RateLimiter
 from broker.quota import CallBudget
-from broker.settings import Settings, SettingsError, is_loopback_host
+from broker.settings import Settings, SettingsError
 from broker.storage import StorageAccount
 from broker.tenants import TenantRegistry
 from broker.tokens import TokenIssuer

@@ -14,7 +14,7 @@ from broker.settings import AZURITE_CONNECTION_STRING, SETTINGS, Settings, Setti
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
     "BROKER_CLIENT_ID": "11111111-2222-3333-4444-555555555555",
-    "KEY_VAULT_URL": "https://vault.example.net",
+    "KEY_VAULT_URL": "https://partner-kv.vault.azure.net",
     "AzureWebJobsStorage": "UseDevelopmentStorage=true",
     "CALLER_AUTH": "none",
 }

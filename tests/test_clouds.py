@@ -1,0 +1,192 @@
+"""Cloud presets: one setting picks Microsoft's documented hosts and scopes; endpoint settings may name only
+those hosts (or loopback stand-ins); each refusal names its setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.clouds import CLOUDS
+from broker.settings import Settings, SettingsError
+
+CLIENT = "11111111-2222-3333-4444-555555555555"
+BASE = {
+    "BROKER_CLIENT_ID": CLIENT,
+    "KEY_VAULT_URL": "https://partner-kv.vault.azure.net",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+    "CALLER_AUTH": "none",
+}
+
+
+def refused(env: dict[str, str]) -> dict[str, str]:
+    """The problems of a refused environment, by setting name."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_environ(env)
+    return {p.split(":", 1)[0]: p.split(":", 1)[1] for p in info.value.problems}
+
+
+def test_public_is_the_default_cloud() -> None:
+    """With no AZURE_CLOUD the public cloud's documented hosts and scopes apply."""
+    s = Settings.from_environ(BASE)
+    assert s.cloud.name == "public"
+    assert s.authority_host == "https://login.microsoftonline.com"
+    assert s.defender_api_url == "https://api.security.microsoft.com"
+    assert s.graph_api_url == "https://graph.microsoft.com/v1.0"
+    assert s.allowed_scopes == ("https://api.security.microsoft.com/.default", "https://graph.microsoft.com/.default")
+    assert s.scope_roles == {
+        "https://api.security.microsoft.com/.default": "Incident.Read.All",
+        "https://graph.microsoft.com/.default": "SecurityIncident.Read.All",
+    }
+    assert s.cloud.token_exchange_audience == "api://AzureADTokenExchange"
+
+
+def test_usgovernment_preset_changes_every_host_and_scope() -> None:
+    """GCC High and DoD: Entra ID, Defender, Graph, Key Vault and the FIC audience all move to .us hosts."""
+    s = Settings.from_environ(
+        {**BASE, "AZURE_CLOUD": "usgovernment", "KEY_VAULT_URL": "https://partner-kv.vault.usgovcloudapi.net"}
+    )
+    assert s.authority_host == "https://login.microsoftonline.us"
+    assert s.defender_api_url == "https://api-gov.security.microsoft.us"
+    assert s.graph_api_url == "https://graph.microsoft.us/v1.0"
+    assert s.allowed_scopes == (
+        "https://api-gov.security.microsoft.us/.default",
+        "https://graph.microsoft.us/.default",
+    )
+    assert s.scope_roles["https://api-gov.security.microsoft.us/.default"] == "Incident.Read.All"
+    assert s.scope_roles["https://graph.microsoft.us/.default"] == "SecurityIncident.Read.All"
+    assert s.cloud.token_exchange_audience == "api://AzureADTokenExchangeUSGov"
+
+
+def test_china_preset_has_no_defender_host_and_no_defender_scope() -> None:
+    """No Defender XDR API host is documented for 21Vianet: Graph only, unless a stand-in is named."""
+    s = Settings.from_environ({**BASE, "AZURE_CLOUD": "china", "KEY_VAULT_URL": "https://partner-kv.vault.azure.cn"})
+    assert s.authority_host == "https://login.chinacloudapi.cn"
+    assert s.graph_api_url == "https://microsoftgraph.chinacloudapi.cn/v1.0"
+    assert s.defender_api_url == ""
+    assert s.allowed_scopes == ("https://microsoftgraph.chinacloudapi.cn/.default",)
+    assert s.cloud.token_exchange_audience == "api://AzureADTokenExchangeChina"
+    problems = refused(
+        {
+            **BASE,
+            "AZURE_CLOUD": "china",
+            "KEY_VAULT_URL": "https://partner-kv.vault.azure.cn",
+            "DEFENDER_API_URL": "https://api.security.microsoft.com",
+        }
+    )
+    assert "not a documented Defender XDR API host of the china cloud (none)" in problems["DEFENDER_API_URL"]
+
+
+def test_explicit_documented_hosts_override_the_preset() -> None:
+    """Explicit settings win when they name a documented host: DoD Graph, a regional Defender host."""
+    s = Settings.from_environ(
+        {
+            **BASE,
+            "AZURE_CLOUD": "USGovernment",
+            "KEY_VAULT_URL": "https://partner-kv.vault.usgovcloudapi.net/",
+            "GRAPH_API_URL": "https://dod-graph.microsoft.us/v1.0",
+        }
+    )
+    assert s.graph_api_url == "https://dod-graph.microsoft.us/v1.0"
+    assert s.key_vault_url == "https://partner-kv.vault.usgovcloudapi.net"
+    public = Settings.from_environ({**BASE, "DEFENDER_API_URL": "https://api-eu.security.microsoft.com"})
+    assert public.defender_api_url == "https://api-eu.security.microsoft.com"
+    mde_form = Settings.from_environ({**BASE, "DEFENDER_API_URL": "https://uk.api.security.microsoft.com"})
+    assert mde_form.defender_api_url == "https://uk.api.security.microsoft.com"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("AUTHORITY_HOST", "https://login.evil.example", "not a documented Entra ID authority host of the public"),
+        ("AUTHORITY_HOST", "https://login.microsoftonline.us", "not a documented Entra ID authority host"),
+        ("AUTHORITY_HOST", "https://login.microsoftonline.com/common", "takes no path"),
+        ("AUTHORITY_HOST", "http://login.microsoftonline.com", "not an https URL"),
+        ("AUTHORITY_HOST", "https://login.microsoftonline.com:8443", "takes no port"),
+        ("KEY_VAULT_URL", "https://vault.example.net", "not a Key Vault of the public cloud"),
+        ("KEY_VAULT_URL", "https://partner-kv.vault.usgovcloudapi.net", "not a Key Vault of the public cloud"),
+        ("KEY_VAULT_URL", "https://evil.example/partner-kv.vault.azure.net", "takes no path"),
+        ("KEY_VAULT_URL", "https://a.b.vault.azure.net", "not a Key Vault"),
+        ("KEY_VAULT_URL", "https://user:pw@partner-kv.vault.azure.net", "without credentials"),
+        ("DEFENDER_API_URL", "https://api.security.microsoft.com.evil.example", "not a documented Defender"),
+        ("DEFENDER_API_URL", "https://api-gov.security.microsoft.us", "not a documented Defender"),
+        ("DEFENDER_API_URL", "https://evil.security.microsoft.com", "not a documented Defender"),
+        ("DEFENDER_API_URL", "https://api.security.microsoft.com/api", "takes no path"),
+        ("GRAPH_API_URL", "https://graph.microsoft.com", "must end in its version"),
+        ("GRAPH_API_URL", "https://graph.microsoft.us/v1.0", "not a documented Microsoft Graph host"),
+        ("GRAPH_API_URL", "https://graph.evil.example/v1.0", "not a documented Microsoft Graph host"),
+    ],
+)
+def test_an_undocumented_endpoint_is_refused_by_name(name: str, value: str, why: str) -> None:
+    """The app's credential and customers' tokens would go there: only the cloud's documented hosts."""
+    problems = refused({**BASE, name: value})
+    assert set(problems) == {name}
+    assert why in problems[name]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8443", "127.5.6.7", "localhost:1", "[::1]:9000"])
+def test_loopback_stand_ins_are_accepted_in_every_cloud(host: str) -> None:
+    """A loopback address can only be a stand-in on this machine: accepted with no extra setting."""
+    for cloud in CLOUDS:
+        s = Settings.from_environ(
+            {
+                **BASE,
+                "AZURE_CLOUD": cloud,
+                "AUTHORITY_HOST": f"https://{host}",
+                "KEY_VAULT_URL": f"https://{host}",
+                "DEFENDER_API_URL": f"https://{host}",
+                "GRAPH_API_URL": f"https://{host}/v1.0",
+            }
+        )
+        assert s.authority_host == f"https://{host}"
+        assert s.defender_api_url == f"https://{host}"
+
+
+def test_a_scope_of_another_cloud_is_refused() -> None:
+    """Public scopes copied into a Gov deployment would fail at Entra ID; they are refused at start."""
+    problems = refused(
+        {
+            **BASE,
+            "AZURE_CLOUD": "usgovernment",
+            "KEY_VAULT_URL": "https://partner-kv.vault.usgovcloudapi.net",
+            "ALLOWED_SCOPES": "https://api.security.microsoft.com/.default",
+            "SCOPE_ROLES": '{"https://api.security.microsoft.com/.default": "Incident.Read.All"}',
+        }
+    )
+    assert set(problems) == {"ALLOWED_SCOPES"}
+    assert "belongs to the public cloud, not usgovernment" in problems["ALLOWED_SCOPES"]
+
+
+@pytest.mark.parametrize("role", ["", "   "])
+def test_an_empty_role_is_refused(role: str) -> None:
+    """An empty role would silently switch the issued-token role check off for that scope."""
+    roles = f'{{"https://api.security.microsoft.com/.default": "{role}", "https://graph.microsoft.com/.default": "R"}}'
+    problems = refused({**BASE, "SCOPE_ROLES": roles})
+    assert set(problems) == {"SCOPE_ROLES"}
+    assert "is empty" in problems["SCOPE_ROLES"]
+
+
+@pytest.mark.parametrize(
+    ("audience", "ok"),
+    [
+        (f"api://{CLIENT}", True),
+        (f"API://{CLIENT.upper()}", True),
+        (CLIENT, True),
+        ("api://22222222-2222-3333-4444-555555555555", False),
+        ("https://broker.contoso.com", False),
+        (f"api://{CLIENT}/extra", False),
+        ("https://graph.microsoft.com", False),
+    ],
+)
+def test_caller_audience_is_the_brokers_own_uri_or_client_id(audience: str, ok: bool) -> None:
+    """Only audiences derived from BROKER_CLIENT_ID: a foreign audience cannot widen what is accepted."""
+    env = {**BASE, "CALLER_AUTH": "entra", "CALLER_TENANT_ID": CLIENT, "CALLER_AUDIENCE": audience}
+    if ok:
+        assert Settings.from_environ(env).caller_audience == audience.lower()
+    else:
+        problems = refused(env)
+        assert "CALLER_AUDIENCE" in problems
+        assert "api://<BROKER_CLIENT_ID>" in problems["CALLER_AUDIENCE"]
+
+
+def test_an_unknown_cloud_is_refused_by_name() -> None:
+    problems = refused({**BASE, "AZURE_CLOUD": "germany"})
+    assert "must be one of public, usgovernment, china" in problems["AZURE_CLOUD"]
