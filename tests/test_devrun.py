@@ -20,7 +20,7 @@ def test_make_run_serves_a_working_curl_and_stops_cleanly(tmp_path: Path) -> Non
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "KEY_VAULT", "BROKER_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.devrun", "--port", str(port)],
+        [sys.executable, "-m", "devrun", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -47,7 +47,7 @@ def _print_banner(env: dict[str, str], sandboxed: bool, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sandbox.devrun", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devrun", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=7071)
     port: int = parser.parse_args(argv).port
     if not port_is_free(port):
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print("starting Azurite for UseDevelopmentStorage=true…", flush=True)
             azurite = _azurite()
             env["AzureWebJobsStorage"] = azurite.connection_string
-        broker = subprocess.Popen(
+        broker = subprocess.Popen(  # noqa: S603 — this interpreter, fixed arguments
             [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(port)], cwd=ROOT, env=env
         )
         wait_for_port(port, 30, broker)
