@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 
-.PHONY: run test lint check bench deps clean
+.PHONY: run test test-fast lint check bench deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ run: deps
 ## The whole test suite: unit, end-to-end through the sandbox and Azurite, Functions indexing.
 test: deps
 	$(PY) -m pytest
+
+## The edit loop: the suite without the tests marked slow (pytest -m slow lists what it leaves out).
+test-fast: deps
+	$(PY) -m pytest -m "not slow"
 
 ## Style, formatting, types (mypy --strict over broker/, function_app.py, sandbox/, bench/), and offline
 ## validation of the Bicep templates.

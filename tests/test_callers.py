@@ -154,6 +154,7 @@ def test_token_without_the_role_is_forbidden(sandbox: Sandbox, server: BrokerSer
     assert response.json()["code"] == "forbidden"
 
 
+@pytest.mark.slow
 def test_cold_keys_are_fetched_off_the_event_loop(sandbox: Sandbox, azurite: str, caller: Identity) -> None:
     """With Entra slow, a cold JWKS fetch does not stall other requests (the fetch runs in a thread)."""
     broker = start_entra_broker(sandbox, azurite, policy(grant(caller, ["contoso"])))

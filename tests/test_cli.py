@@ -8,6 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from conftest import broker_environment
 
 from sandbox.server import Sandbox
@@ -41,6 +42,7 @@ def test_serve_refuses_no_caller_auth_off_loopback(sandbox: Sandbox, azurite: st
     assert "CALLER_AUTH" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tenants_add_list_disable(sandbox: Sandbox, azurite: str) -> None:
     """Register a tenant, see it listed with the consent link printed, disable it, remove it."""
     env = broker_environment(sandbox, azurite)
@@ -68,6 +70,7 @@ def test_tenants_add_refuses_a_bad_guid_and_a_reserved_name(sandbox: Sandbox, az
     assert reserved.returncode == 2
 
 
+@pytest.mark.slow
 def test_tenants_check_reports_consent_per_scope(sandbox: Sandbox, azurite: str) -> None:
     """A consented tenant checks ok for both scopes; an unconsented one prints its consent link."""
     env = broker_environment(sandbox, azurite)

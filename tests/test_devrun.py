@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sandbox.azurite import free_port, port_is_free
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_make_run_serves_a_working_curl_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "KEY_VAULT", "BROKER_"))}

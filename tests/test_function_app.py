@@ -80,6 +80,7 @@ def test_importing_function_app_reads_no_settings() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_requirements_txt_alone_is_enough_to_index(tmp_path: Path) -> None:
     """A venv built from requirements.txt only (what Azure builds) imports and indexes function_app."""
     target = tmp_path / "venv"

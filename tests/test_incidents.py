@@ -159,6 +159,7 @@ def test_a_merge_target_outside_the_window_is_fetched_by_id(sandbox: Sandbox, co
     assert stored(container, tenant)[str(target["incidentId"])] == truth(sandbox, tenant)[str(target["incidentId"])]
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_page_k_resumes_and_ends_equal_to_the_truth(sandbox: Sandbox, container: Container) -> None:
     """A 500 that persists from page 3 on: the run fails with its error in the status, its checkpoint covers
     only stored pages, and the next run resumes there and ends exact."""
@@ -194,6 +195,7 @@ def test_a_run_killed_after_page_k_resumes_and_ends_equal_to_the_truth(sandbox: 
     assert container.incidents.status([tenant])[0]["last_success"]
 
 
+@pytest.mark.slow
 def test_a_killed_sync_process_loses_nothing(sandbox: Sandbox, azurite: str, tmp_path: Any) -> None:
     """`python -m broker sync` killed mid-run (SIGKILL), then run again: the store equals the truth."""
     env = broker_environment(sandbox, azurite, **SYNC)

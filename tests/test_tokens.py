@@ -74,6 +74,7 @@ def test_a_repeated_request_is_served_from_cache(broker: BrokerServer, sandbox: 
     assert sandbox.recorder.count(f"entra.token:{tid}") == calls == 1
 
 
+@pytest.mark.slow
 def test_200_concurrent_cold_requests_make_one_token_request(broker: BrokerServer, sandbox: Sandbox) -> None:
     """Single flight: MSAL alone would send one POST per concurrent miss."""
     name, tid = new_tenant(sandbox, broker)
