@@ -121,6 +121,15 @@ class ControlClient:
         result: dict[str, Any] = self._call("POST", f"/tenants/{ref}/revoke")
         return result
 
+    def set_admin_answer(self, ref: str, answer: str) -> dict[str, Any]:
+        """How the tenant's administrator answers admin consent: accept, decline or consent_required."""
+        result: dict[str, Any] = self._call("POST", f"/tenants/{ref}/admin-answer", json={"answer": answer})
+        return result
+
+    def add_redirect_uri(self, uri: str) -> None:
+        """Register a web redirect URI on the broker's app registration."""
+        self._call("POST", "/apps/broker/redirect-uris", json={"uri": uri})
+
     def rotate_client_secret(self, *, revoke_old: bool = False) -> dict[str, str]:
         """A new app secret, also stored as a new vault version: ``{"value", "version"}``."""
         result: dict[str, str] = self._call("POST", "/secrets/rotate", json={"revoke_old": revoke_old})

@@ -13,6 +13,8 @@ Routes, all under ``/_sandbox/``:
 ``GET  tenants`` / ``POST tenants``        list / add (``{"name", "consented"?, "roles"?}``)
 ``POST tenants/{ref}/consent``             grant consent (``{"roles"?}``)
 ``POST tenants/{ref}/revoke``              revoke consent
+``POST tenants/{ref}/admin-answer``        ``{"answer"}``: accept, decline or consent_required
+``POST apps/broker/redirect-uris``         ``{"uri"}``: register a redirect URI on the broker app
 ``POST secrets/rotate``                    ``{"revoke_old"?}`` → ``{"value", "version"}``
 ``PUT  vault/{name}``                      ``{"value", "content_type"?}`` → ``{"version"}``
 ``POST tokens/caller``                     ``{"client_id"?, "roles"?, "lifetime"?, "signing"?,
@@ -126,6 +128,25 @@ def control_routes(directory: Directory, recorder: Recorder, env: Callable[[], d
             return _bad(str(exc))
         return JSONResponse(tenant.to_json())
 
+    async def admin_answer(request: Request) -> Response:
+        ref = request.path_params["ref"]
+        try:
+            body = await _json(request)
+            tenant = directory.set_admin_answer(ref, str(body["answer"]))
+        except KeyError:
+            return _bad(f"unknown tenant {ref} or no answer", 404)
+        except (ValueError, TypeError) as exc:
+            return _bad(str(exc))
+        return JSONResponse(tenant.to_json())
+
+    async def redirect_uris(request: Request) -> Response:
+        try:
+            body = await _json(request)
+            directory.add_redirect_uri(str(body["uri"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _bad(f"bad redirect URI: {exc}")
+        return JSONResponse({"redirect_uris": list(directory.broker.redirect_uris)})
+
     async def rotate_secret(request: Request) -> Response:
         try:
             body = await _json(request)
@@ -172,6 +193,8 @@ def control_routes(directory: Directory, recorder: Recorder, env: Callable[[], d
         Route(f"{PREFIX}/tenants", tenants, methods=["GET", "POST"]),
         Route(f"{PREFIX}/tenants/{{ref}}/consent", consent, methods=["POST"]),
         Route(f"{PREFIX}/tenants/{{ref}}/revoke", revoke, methods=["POST"]),
+        Route(f"{PREFIX}/tenants/{{ref}}/admin-answer", admin_answer, methods=["POST"]),
+        Route(f"{PREFIX}/apps/broker/redirect-uris", redirect_uris, methods=["POST"]),
         Route(f"{PREFIX}/secrets/rotate", rotate_secret, methods=["POST"]),
         Route(f"{PREFIX}/vault/{{name}}", put_vault, methods=["PUT"]),
         Route(f"{PREFIX}/tokens/caller", caller_token, methods=["POST"]),

@@ -55,6 +55,9 @@ KNOWN_RESOURCES = (
 # The app roles the broker defines for its callers (docs/app-registration.md).
 DEFAULT_CALLER_ROLES = ("Broker.Token.Request", "Broker.Incidents.Read")
 SIGNATURE_MODES = ("valid", "bad-signature", "unknown-kid", "none")
+#: What the administrator who opens an admin-consent link does: approve; press Cancel (Entra then redirects
+#: with ``error=access_denied``); or turn out not to be allowed to consent (``error=consent_required``).
+ADMIN_ANSWERS = ("accept", "decline", "consent_required")
 
 _NAMESPACE = uuid.UUID("6f1d3a52-93c4-4e0b-9a57-5b0c2a61d0e1")
 
@@ -97,6 +100,8 @@ class Tenant:
     consented: bool = True
     roles: dict[str, list[str]] = field(default_factory=default_roles)
     home: bool = False
+    #: How this tenant's administrator answers the admin-consent page (see ``ADMIN_ANSWERS``).
+    admin_answer: str = "accept"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +111,7 @@ class Tenant:
             "consented": self.consented,
             "roles": {k: list(v) for k, v in self.roles.items()},
             "home": self.home,
+            "admin_answer": self.admin_answer,
         }
 
 
@@ -183,6 +189,9 @@ class Application:
     certificates: list[RegisteredCertificate] = field(default_factory=list)
     federated: list[FederatedCredential] = field(default_factory=list)
     api_roles: list[str] = field(default_factory=list)  # roles granted on the broker's API (callers)
+    redirect_uris: list[str] = field(default_factory=list)  # web redirect URIs (admin consent returns here)
+    #: The application permissions the app registration requires; admin consent grants exactly these.
+    required_permissions: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -291,7 +300,12 @@ class Directory:
             home=True,
         )
         self._tenants: dict[str, Tenant] = {self.home.tenant_id: self.home}
-        self.broker = Application(stable_guid("app", "broker"), "partner-token-broker", multi_tenant=True)
+        self.broker = Application(
+            stable_guid("app", "broker"),
+            "partner-token-broker",
+            multi_tenant=True,
+            required_permissions=default_roles(),
+        )
         self._callers: dict[str, Application] = {}
         self.system_identity = ManagedIdentity(
             stable_guid("mi", "system"), stable_guid("mi-principal", "system"), "system", user_assigned=False
@@ -375,6 +389,22 @@ class Directory:
             if roles is not None:
                 tenant.roles = {k: list(v) for k, v in roles.items()}
         return tenant
+
+    def set_admin_answer(self, ref: str, answer: str) -> Tenant:
+        """How the tenant's administrator will answer the next admin-consent request."""
+        if answer not in ADMIN_ANSWERS:
+            raise ValueError(f"answer must be one of {ADMIN_ANSWERS}")
+        with self._lock:
+            tenant = self._require_tenant(ref)
+            tenant.admin_answer = answer
+        return tenant
+
+    def add_redirect_uri(self, uri: str, client_id: str | None = None) -> None:
+        """Register a web redirect URI on an app (the broker app by default)."""
+        with self._lock:
+            app = self._require_app(client_id or self.broker.client_id)
+            if uri not in app.redirect_uris:
+                app.redirect_uris.append(uri)
 
     def revoke_consent(self, ref: str) -> Tenant:
         """The customer removed the broker's service principal."""

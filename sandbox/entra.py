@@ -9,11 +9,19 @@ Routes (``{tenant}`` is a GUID or a domain; documents and tokens always name the
   or HTTP Basic), a certificate assertion (PS256/RS256, ``x5t#S256`` or ``x5t``, padded or not) or a
   federated assertion (sandbox-signed, ``aud=api://AzureADTokenExchange``, matching a FIC). Exactly one
   ``…/.default`` scope. Microsoft resources get v1 tokens, the broker's own API v2 tokens.
+- ``GET /{tenant}/v2.0/adminconsent?client_id=&scope=&redirect_uri=&state=``: the v2 admin-consent endpoint.
+  The tenant's administrator answers as the directory says (``Tenant.admin_answer``): on approval the app is
+  consented with its required permissions and the browser is sent (302) to ``redirect_uri`` with
+  ``admin_consent=True&tenant=<GUID>&scope=…&state=…``; on refusal with ``error``, ``error_description``,
+  ``admin_consent=True`` and ``state``. As in Entra, a request whose app or redirect URI cannot be trusted
+  (unknown or single-tenant ``client_id``, a ``redirect_uri`` not registered exactly on the app, an unknown
+  tenant) is answered with an error page and never redirected.
 
 Errors carry Entra's body (``error``, ``error_description`` with trace/correlation/timestamp lines,
 ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``).
 
-Counters: ``entra.discovery``, ``entra.jwks``, ``entra.token``, each also ``:<tenant GUID>``.
+Counters: ``entra.discovery``, ``entra.jwks``, ``entra.token``, ``entra.adminconsent``, each also
+``:<tenant GUID>``.
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ import datetime as dt
 import hmac
 import uuid
 from dataclasses import dataclass
+from html import escape
 from typing import Any
-from urllib.parse import parse_qs, unquote_plus
+from urllib.parse import parse_qs, unquote_plus, urlencode
 
 import jwt
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from sandbox.directory import (
@@ -288,6 +297,93 @@ class TokenIssuer:
         return claims
 
 
+class AdminConsent:
+    """The admin-consent endpoint's decisions, independent of HTTP: an error page or a redirect URL."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    def answer(self, tenant_ref: str, params: dict[str, str]) -> str:
+        """The URL the administrator's browser is sent to; ``OAuthError`` when Entra would not redirect."""
+        d = self.directory
+        tenant = None if tenant_ref.lower() in ("common", "consumers") else d.tenant(tenant_ref)
+        if tenant is None:
+            raise tenant_not_found(tenant_ref)
+        client_id = params.get("client_id", "").strip().lower()
+        if not client_id:
+            raise _missing("client_id")
+        app = d.application(client_id)
+        if app is None or not app.multi_tenant:
+            raise OAuthError(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory '{tenant.domain}'.",
+            )
+        redirect_uri = params.get("redirect_uri", "")
+        if redirect_uri not in app.redirect_uris:
+            raise OAuthError(
+                400,
+                "invalid_request",
+                50011,
+                f"The redirect URI '{redirect_uri}' specified in the request does not match the redirect URIs "
+                f"configured for the application '{client_id}'.",
+            )
+        state = params.get("state")
+        scope = params.get("scope", "")
+        scopes = scope.split()
+        resources = [s[: -len("/.default")].rstrip("/") for s in scopes if s.endswith("/.default")]
+        if not scopes or len(resources) != len(scopes) or not all(r in KNOWN_RESOURCES for r in resources):
+            return _redirect(
+                redirect_uri,
+                _error_fields(
+                    OAuthError(400, "invalid_request", 70011, f"The provided value for scope {scope} is not valid."),
+                    state,
+                ),
+            )
+        if tenant.admin_answer == "decline":
+            refusal = OAuthError(400, "access_denied", 65004, "User declined to consent to access the app.")
+            return _redirect(redirect_uri, {**_error_fields(refusal, state), "error_subcode": "cancel"})
+        if tenant.admin_answer == "consent_required":
+            refusal = OAuthError(
+                400, "consent_required", 65004, "The resource owner or authorization server denied the request."
+            )
+            return _redirect(redirect_uri, _error_fields(refusal, state))
+        if not tenant.home:
+            d.grant_consent(tenant.tenant_id, app.required_permissions)
+        fields = {"admin_consent": "True", "tenant": tenant.tenant_id, "scope": scope}
+        if state is not None:
+            fields["state"] = state
+        return _redirect(redirect_uri, fields)
+
+
+def _error_fields(exc: OAuthError, state: str | None) -> dict[str, str]:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    description = (
+        f"AADSTS{exc.code}: {exc.message}\r\nTrace ID: {uuid.uuid4()}\r\nCorrelation ID: {uuid.uuid4()}"
+        f"\r\nTimestamp: {now}"
+    )
+    fields = {"admin_consent": "True", "error": exc.error, "error_description": description}
+    if state is not None:
+        fields["state"] = state
+    return fields
+
+
+def _redirect(redirect_uri: str, fields: dict[str, str]) -> str:
+    return redirect_uri + ("&" if "?" in redirect_uri else "?") + urlencode(fields)
+
+
+def error_page(exc: OAuthError) -> HTMLResponse:
+    """Entra's own error page: what a browser shows when it is not sent back to the app."""
+    text = escape(f"AADSTS{exc.code}: {exc.message}")
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in to your account</title>'
+        f"</head><body><main><h1>Sorry, but we're having trouble signing you in.</h1><p>{text}</p></main>"
+        "</body></html>"
+    )
+    return HTMLResponse(body, status_code=exc.status, headers={"Cache-Control": "no-store, no-cache"})
+
+
 def _missing(name: str) -> OAuthError:
     return OAuthError(
         400, "invalid_request", 900144, f"The request body must contain the following parameter: '{name}'."
@@ -326,6 +422,7 @@ def create_entra_app(directory: Directory, recorder: Recorder) -> Any:
     """The Entra stand-in as an ASGI app (wrapped for faults and latency)."""
     issuer_v2 = directory.issuer_v2
     issuer = TokenIssuer(directory)
+    consent = AdminConsent(directory)
 
     def resolve(request: Request) -> tuple[str, Tenant | None]:
         ref = request.path_params["tenant"]
@@ -391,7 +488,18 @@ def create_entra_app(directory: Directory, recorder: Recorder) -> Any:
             return error_response(exc, request)
         return JSONResponse(payload, headers={"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
 
+    async def admin_consent(request: Request) -> Response:
+        ref = request.path_params["tenant"]
+        tenant = directory.tenant(ref)
+        recorder.hit("entra.adminconsent", tenant.tenant_id if tenant else None)
+        try:
+            location = consent.answer(ref, dict(request.query_params))
+        except OAuthError as exc:
+            return error_page(exc)
+        return RedirectResponse(location, status_code=302, headers={"Cache-Control": "no-store, no-cache"})
+
     routes = [
+        Route("/{tenant}/v2.0/adminconsent", admin_consent, methods=["GET"]),
         Route("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration, methods=["GET"]),
         Route("/{tenant}/discovery/v2.0/keys", keys, methods=["GET"]),
         Route("/{tenant}/oauth2/v2.0/token", token, methods=["POST"]),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid as uuid_mod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -562,3 +563,81 @@ def test_security_stand_ins_accept_sandbox_tokens(box: Sandbox, http: requests.S
     assert http.get(f"{env['DEFENDER_API_URL']}/api/incidents").status_code == 401
     with ControlClient(box.control_url) as control:
         assert len(control.security.truth(contoso.tenant_id)) == 20
+
+
+# -- admin consent (v2 endpoint) ---------------------------------------------------------------------
+
+
+def _consent_url(box: Sandbox, tenant: str, redirect_uri: str, **extra: str) -> str:
+    from urllib.parse import urlencode
+
+    params = {"client_id": box.directory.broker.client_id, "scope": DEFENDER_SCOPE, "redirect_uri": redirect_uri}
+    params.update(extra)
+    return f"{box.urls['entra']}/{tenant}/v2.0/adminconsent?{urlencode(params)}"
+
+
+def test_admin_consent_grants_the_app_and_redirects_with_tenant_and_state(box: Sandbox, http: requests.Session) -> None:
+    """Approval consents the app in that tenant and sends the browser back with admin_consent, tenant, state."""
+    from urllib.parse import parse_qs, urlsplit
+
+    redirect = "https://broker.example/api/consent/callback"
+    box.directory.add_redirect_uri(redirect)
+    tenant = box.directory.add_customer_tenant("consent-ok", consented=False, roles={})
+    reply = http.get(_consent_url(box, tenant.name, redirect, state="s-123"), allow_redirects=False)
+    assert reply.status_code == 302
+    location = urlsplit(reply.headers["Location"])
+    assert f"{location.scheme}://{location.netloc}{location.path}" == redirect
+    query = {k: v[0] for k, v in parse_qs(location.query).items()}
+    assert query == {"admin_consent": "True", "tenant": tenant.tenant_id, "scope": DEFENDER_SCOPE, "state": "s-123"}
+    assert tenant.consented
+    assert tenant.roles == {
+        DEFENDER_RESOURCE: ["Incident.Read.All"],
+        GRAPH_RESOURCE: ["SecurityIncident.Read.All"],
+    }
+
+
+@pytest.mark.parametrize(("answer", "error"), [("decline", "access_denied"), ("consent_required", "consent_required")])
+def test_admin_consent_refusal_redirects_with_error_and_consents_nothing(
+    box: Sandbox, http: requests.Session, answer: str, error: str
+) -> None:
+    """A refusal comes back as error, error_description (AADSTS65004) and state; the tenant stays unconsented."""
+    from urllib.parse import parse_qs, urlsplit
+
+    redirect = "https://broker.example/api/consent/callback"
+    box.directory.add_redirect_uri(redirect)
+    tenant = box.directory.add_customer_tenant(f"consent-{answer}".replace("_", "-"), consented=False)
+    with ControlClient(box.control_url) as control:
+        control.set_admin_answer(tenant.tenant_id, answer)
+    reply = http.get(_consent_url(box, tenant.tenant_id, redirect, state="s-9"), allow_redirects=False)
+    assert reply.status_code == 302
+    query = {k: v[0] for k, v in parse_qs(urlsplit(reply.headers["Location"]).query).items()}
+    assert query["error"] == error
+    assert query["state"] == "s-9"
+    assert query["admin_consent"] == "True"
+    assert query["error_description"].startswith("AADSTS65004")
+    assert not tenant.consented
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("unregistered-redirect", "AADSTS50011"), ("unknown-app", "AADSTS700016"), ("unknown-tenant", "AADSTS90002")],
+)
+def test_admin_consent_never_redirects_to_an_untrusted_place(
+    box: Sandbox, http: requests.Session, case: str, code: str
+) -> None:
+    """An unregistered redirect URI, an unknown app or tenant: an error page, no redirect, no consent."""
+    box.directory.add_redirect_uri("https://broker.example/api/consent/callback")
+    tenant = box.directory.add_customer_tenant(f"consent-{case}", consented=False)
+    url = {
+        "unregistered-redirect": _consent_url(box, tenant.tenant_id, "https://evil.example/steal"),
+        "unknown-app": _consent_url(
+            box, tenant.tenant_id, "https://broker.example/api/consent/callback", client_id=str(uuid_mod.uuid4())
+        ),
+        "unknown-tenant": _consent_url(box, str(uuid_mod.uuid4()), "https://broker.example/api/consent/callback"),
+    }[case]
+    reply = http.get(url, allow_redirects=False)
+    assert reply.status_code == 400
+    assert "Location" not in reply.headers
+    assert code in reply.text
+    assert reply.headers["content-type"].startswith("text/html")
+    assert not tenant.consented
