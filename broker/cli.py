@@ -15,7 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 
 from broker import wiring
 from broker.audit import AuditRecord
-from broker.errors import BrokerError
+from broker.errors import BrokerError, NotConfigured
+from broker.health import TenantHealth
 from broker.settings import Settings, SettingsError
 from broker.tenants import Tenant
 from broker.tokens import admin_consent_url
@@ -42,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("--api", choices=("defender", "graph"), default="defender", help="incident API to sync")
     add.add_argument("--defender-url", default=None, help="regional Defender API host (https://eu.api.…)")
     add.set_defaults(run=_tenants_add)
-    tenants.add_parser("list", help="list registered tenants").set_defaults(run=_tenants_list)
+    link = tenants.add_parser("link", help="a new admin-consent link for a registered tenant")
+    link.add_argument("name")
+    link.set_defaults(run=_tenants_link)
+    tenants.add_parser("list", help="list registered tenants and their health").set_defaults(run=_tenants_list)
     for action, enabled in (("enable", True), ("disable", False)):
         switch = tenants.add_parser(action, help=f"{action} a tenant (kill switch)")
         switch.add_argument("name")
@@ -69,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (default: 7 days ago)")
     verify.add_argument("--to", dest="end", type=date.fromisoformat, help="last day (default: today, UTC)")
     verify.set_defaults(run=_audit_verify)
+
+    doctor = commands.add_parser("doctor", help="check tenants step by step and say what to fix")
+    doctor.add_argument("--tenant", help="one tenant (default: every registered tenant)")
+    doctor.set_defaults(run=_doctor)
 
     sync = commands.add_parser("sync", help="prefetch incidents now, in this process (one line per tenant)")
     sync.add_argument("--tenant", help="one tenant (default: every enabled tenant)")
@@ -120,19 +128,67 @@ def _serve(args: argparse.Namespace) -> int:
 def _tenants_add(args: argparse.Namespace) -> int:
     c = _container()
     tenant = c.tenants.add(args.name, args.tenant_id, api=args.api, defender_url=args.defender_url)
-    print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api}")
-    print("admin consent link (send to the customer's Global Administrator):")
-    print(f"  {admin_consent_url(c.settings.authority_host, tenant.tenant_id, c.settings.broker_client_id)}")
+    print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api} (pending consent)")
+    _print_link(c, tenant)
     return 0
+
+
+def _tenants_link(args: argparse.Namespace) -> int:
+    c = _container()
+    _print_link(c, c.tenants.resolve(args.name))
+    return 0
+
+
+def _print_link(c: wiring.Container, tenant: Tenant) -> None:
+    try:
+        link = c.consent.create(tenant.name, tenant.tenant_id, tenant.api)
+    except NotConfigured as exc:
+        print(f"no consent link: {exc.detail}", file=sys.stderr)
+        print(f"  (plain link, no return to the broker: {plain_consent_url(c.settings, tenant)})", file=sys.stderr)
+        return
+    expires = datetime.fromtimestamp(link.expires_at, UTC).isoformat(timespec="minutes")
+    print(f"admin consent link (send it to an administrator of the tenant; single use, until {expires}):")
+    print(f"  {link.url}")
+    print(f"the administrator returns to {link.redirect_uri}, which must be registered on the app")
+
+
+def plain_consent_url(settings: Settings, tenant: Tenant) -> str:
+    return admin_consent_url(settings.authority_host, tenant.tenant_id, settings.broker_client_id)
 
 
 def _tenants_list(args: argparse.Namespace) -> int:
-    tenants = _container().tenants.all()
-    print(f"{'NAME':<24} {'TENANT ID':<36} {'ENABLED':<7} API")
+    c = _container()
+    tenants = c.tenants.all()
+    health = c.health.view()
+    print(
+        f"{'NAME':<24} {'TENANT ID':<36} {'ENABLED':<7} {'API':<8} {'STATE':<9} {'CONSENT':<12} "
+        f"{'LAST OK':<20} {'FAILS':>5}  LAST FAILURE"
+    )
     for t in tenants:
-        print(f"{t.name:<24} {t.tenant_id:<36} {'yes' if t.enabled else 'no':<7} {t.api}")
+        h = health.get(t.tenant_id) or TenantHealth(t.tenant_id)
+        body = h.to_json()
+        failure = f"{h.last_failure_code} {body['last_failure_at']}" if h.last_failure_code else "-"
+        print(
+            f"{t.name:<24} {t.tenant_id:<36} {'yes' if t.enabled else 'no':<7} {t.api:<8} {t.onboarding:<9} "
+            f"{h.consent:<12} {(body['last_success_at'] or '-'):<20} {h.consecutive_failures:>5}  {failure}"
+        )
     print(f"{len(tenants)} tenant(s)")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    c = _container()
+    reports = [c.doctor.run(args.tenant)] if args.tenant else c.doctor.run_all()
+    for report in reports:
+        print(f"{report.tenant} ({report.tenant_id or 'not registered'})")
+        for step in report.steps:
+            print(f"  {step.status.upper():<4} {step.name:<56} {step.detail}")
+            if step.fix:
+                print(f"       fix: {step.fix}")
+    failed = [r.tenant for r in reports if not r.ok]
+    print(f"{len(reports)} tenant(s), {len(failed)} failing{': ' + ', '.join(failed) if failed else ''}")
+    c.health.flush()
+    return 1 if failed or not reports else 0
 
 
 def _tenants_switch(args: argparse.Namespace) -> int:

@@ -222,6 +222,15 @@ class IncidentApiClient:
         link = body.get("@odata.nextLink")
         return Page(value, link if isinstance(link, str) and link else None)
 
+    def probe(self, tenant: Tenant) -> int:
+        """The smallest call (``$top=1``): does the tenant's incident API accept its token? Incidents returned."""
+        d = self.dialect(tenant)
+        body = self._get(tenant, d, self.endpoint(tenant), [("$top", "1")], CallCounter(), 0.0)
+        value = body.get("value")
+        if not isinstance(value, list):
+            raise IncidentApiError("the incident API answered without a list of incidents")
+        return len(value)
+
     def get_incident(
         self, tenant: Tenant, incident_id: str, counter: CallCounter, *, max_wait: float | None = None
     ) -> dict[str, Any] | None:

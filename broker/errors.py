@@ -12,7 +12,13 @@
     │   ├── PayloadTooLarge (413 payload_too_large)
     │   ├── MethodNotAllowed (405 method_not_allowed)
     │   ├── UnknownTenant (404 unknown_tenant)      well-formed, not in the registry
-    │   └── NotFound (404 not_found)
+    │   ├── NotFound (404 not_found)
+    │   └── ConsentAnswerError               the admin-consent callback cannot be trusted
+    │       ├── ConsentStateMissing (400 consent_state_missing)
+    │       ├── ConsentStateInvalid (400 consent_state_invalid)    altered, forged or not ours
+    │       ├── ConsentStateExpired (400 consent_state_expired)
+    │       ├── ConsentStateUsed (409 consent_state_used)          a replay
+    │       └── ConsentTenantMismatch (400 consent_tenant_mismatch)  tenant is not the pending one
     ├── CallerError                      who is asking
     │   ├── Unauthenticated (401 unauthenticated)
     │   ├── Forbidden (403 forbidden)
@@ -32,6 +38,7 @@
     │   └── IncidentApiError (502 incident_api_error)  Defender/Graph refused a request or sent nonsense
     └── ServiceError                     the broker itself cannot serve right now
         ├── NotConfigured (503 not_configured)
+        ├── NotReady (503 not_ready)                a dependency (Key Vault, storage, Entra ID) is failing
         ├── AuditUnavailable (503 audit_unavailable)
         ├── SyncBudgetExhausted (503 sync_budget_exhausted)  the tenant's API budget has no call left now
         └── SyncInProgress (409 sync_in_progress)  another run holds the tenant's sync lease
@@ -151,6 +158,37 @@ class NotFound(RequestError):
     title = "Not found"
 
 
+class ConsentAnswerError(RequestError):
+    code = "consent_answer_invalid"
+    title = "The admin-consent answer cannot be trusted"
+
+
+class ConsentStateMissing(ConsentAnswerError):
+    code = "consent_state_missing"
+    title = "The admin-consent answer carries no state"
+
+
+class ConsentStateInvalid(ConsentAnswerError):
+    code = "consent_state_invalid"
+    title = "The admin-consent state is not one the broker issued"
+
+
+class ConsentStateExpired(ConsentAnswerError):
+    code = "consent_state_expired"
+    title = "The admin-consent link has expired"
+
+
+class ConsentStateUsed(ConsentAnswerError):
+    status = 409
+    code = "consent_state_used"
+    title = "The admin-consent link has already been used"
+
+
+class ConsentTenantMismatch(ConsentAnswerError):
+    code = "consent_tenant_mismatch"
+    title = "Consent came from a tenant other than the one the link was made for"
+
+
 class CallerError(BrokerError):
     status = 403
     code = "forbidden"
@@ -252,6 +290,11 @@ class ServiceError(BrokerError):
 class NotConfigured(ServiceError):
     code = "not_configured"
     title = "The broker is not configured"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+    title = "A dependency of the broker is failing"
 
 
 class AuditUnavailable(ServiceError):

@@ -25,6 +25,7 @@ from broker.clouds import (
     check_defender,
     check_graph,
     check_key_vault,
+    is_loopback_host,
     scope_cloud,
 )
 from broker.policy import Policy, PolicyError
@@ -40,6 +41,8 @@ AZURITE_CONNECTION_STRING = (
 )
 _KV_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,19}$")
+_HOSTNAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*(?::[0-9]{1,5})?$")
+CONSENT_CALLBACK_PATH = "/api/consent/callback"
 _QUEUE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,40}$")
 
 
@@ -142,6 +145,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SYNC_LOOKBACK_DAYS", "How far back the first sync of a tenant reaches.", "30"),
     Setting("SYNC_BUDGET_PER_MINUTE", "Incident API calls per tenant per minute (documented quota: 50).", "40"),
     Setting("SYNC_BUDGET_PER_HOUR", "Incident API calls per tenant per hour (documented quota: 1,500).", "1200"),
+    Setting(
+        "WEBSITE_HOSTNAME",
+        "Set by Azure: the app's default host name. The admin-consent redirect URI is "
+        "`https://<it>/api/consent/callback` unless `CONSENT_REDIRECT_URI` says otherwise; set it for the CLI "
+        "so `tenants add` prints the app's link.",
+        "",
+    ),
+    Setting(
+        "CONSENT_REDIRECT_URI",
+        "Where admin consent sends the administrator back (registered on the app): overrides the URI derived "
+        "from `WEBSITE_HOSTNAME` (a custom domain, or `http://127.0.0.1:7071/...` locally).",
+        "",
+    ),
+    Setting("CONSENT_LINK_TTL_HOURS", "How long an admin-consent link (its `state`) can be used, once.", "168"),
+    Setting(
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "Application Insights connection string: when set, requests, dependencies and log lines go there "
+        "through OpenTelemetry (azure-monitor-opentelemetry); empty: no telemetry at all.",
+        "",
+    ),
 )
 SETTING_NAMES = frozenset(s.name for s in SETTINGS)
 
@@ -207,6 +230,9 @@ class Settings:
     sync_lookback_days: int
     sync_budget_per_minute: int
     sync_budget_per_hour: int
+    consent_redirect_uri: str | None = None
+    consent_link_ttl_hours: int = 168
+    applicationinsights_connection_string: str | None = field(default=None, repr=False)
     raw: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -318,6 +344,9 @@ class _Parser:
             sync_lookback_days=self.integer("SYNC_LOOKBACK_DAYS", 1, 3650),
             sync_budget_per_minute=self.integer("SYNC_BUDGET_PER_MINUTE", 1, 50),
             sync_budget_per_hour=self.integer("SYNC_BUDGET_PER_HOUR", 1, 1500),
+            consent_redirect_uri=self._consent_redirect_uri(),
+            consent_link_ttl_hours=self.integer("CONSENT_LINK_TTL_HOURS", 1, 24 * 90),
+            applicationinsights_connection_string=self.get("APPLICATIONINSIGHTS_CONNECTION_STRING") or None,
             raw={k: v for k, v in self.env.items() if k in SETTING_NAMES},
         )
         if self.problems:
@@ -395,6 +424,29 @@ class _Parser:
         except PolicyError as exc:
             self.problems.extend(f"CALLER_POLICY: {problem}" for problem in exc.problems)
             return Policy()
+
+    def _consent_redirect_uri(self) -> str | None:
+        """``CONSENT_REDIRECT_URI``, else the callback on ``WEBSITE_HOSTNAME``; None when neither is set."""
+        override = self.get("CONSENT_REDIRECT_URI")
+        if override:
+            parts = urlsplit(override)
+            loopback_http = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+            if (
+                not (parts.scheme == "https" or loopback_http)
+                or not parts.hostname
+                or parts.query
+                or parts.fragment
+                or "@" in parts.netloc
+            ):
+                self.fail("CONSENT_REDIRECT_URI", "not an https URL (http only on a loopback host) without query")
+            return override
+        host = self.get("WEBSITE_HOSTNAME").lower()
+        if not host:
+            return None
+        if not _HOSTNAME.fullmatch(host):
+            self.fail("WEBSITE_HOSTNAME", "not a host name")
+            return None
+        return f"https://{host}{CONSENT_CALLBACK_PATH}"
 
     def _caller_audience(self, client_id: str, *, required: bool) -> str | None:
         """``api://<client id>`` (the app ID URI of v1 tokens) or the client ID (v2 tokens), nothing else.

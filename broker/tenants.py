@@ -45,6 +45,11 @@ class Tenant:
     api: IncidentApi = "defender"
     defender_url: str | None = None
     added_at: str = ""
+    onboarded_at: str = ""  # when the doctor first passed after consent; empty: consent still pending
+
+    @property
+    def onboarding(self) -> str:
+        return "onboarded" if self.onboarded_at else "pending"
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name) or self.name in RESERVED_NAMES:
@@ -165,6 +170,19 @@ class TenantRegistry:
         self._invalidate()
         return updated
 
+    def mark_onboarded(self, name: str) -> Tenant:
+        """Record that consent is proven (the doctor passed); a no-op for a tenant already onboarded."""
+        tenant = self.resolve(name)
+        if tenant.onboarded_at:
+            return tenant
+        updated = replace(tenant, onboarded_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        self._table().update_entity(
+            {"PartitionKey": PARTITION, "RowKey": tenant.name, "OnboardedAt": updated.onboarded_at},
+            mode=UpdateMode.MERGE,
+        )
+        self._invalidate()
+        return updated
+
     def remove(self, name: str) -> None:
         tenant = self.resolve(name)
         try:
@@ -200,6 +218,7 @@ def _to_entity(tenant: Tenant) -> dict[str, object]:
         "Api": tenant.api,
         "DefenderUrl": tenant.defender_url or "",
         "AddedAt": tenant.added_at,
+        "OnboardedAt": tenant.onboarded_at,
     }
 
 
@@ -212,4 +231,5 @@ def _from_entity(entity: Mapping[str, object]) -> Tenant:
         api="graph" if api == "graph" else "defender",
         defender_url=str(entity.get("DefenderUrl") or "") or None,
         added_at=str(entity.get("AddedAt") or ""),
+        onboarded_at=str(entity.get("OnboardedAt") or ""),
     )

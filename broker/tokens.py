@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import msal
@@ -49,6 +49,14 @@ NEGATIVE_CACHE_SECONDS = 10.0  # how long a consent or unknown-tenant answer is 
 DEFAULT_RETRY_AFTER = 5
 _CONSENT_CODES = {700016, 65001, 7000112, 500011, 50020}
 _CREDENTIAL_CODES = {7000215, 7000222, 700027, 7000218, 700021, 700023, 700024}
+
+
+class AcquisitionObserver(Protocol):
+    """Told the outcome of every acquisition that went past the in-memory token map."""
+
+    def success(self, tenant_id: str, source: str) -> None: ...
+
+    def failure(self, tenant_id: str, code: str, source: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,10 @@ class TokenIssuer:
         scope_roles: Mapping[str, str],
         http_client: IdentityHttpClient | None = None,
         clock: Callable[[], float] = time.time,
+        observer: AcquisitionObserver | None = None,
     ) -> None:
         self.client_id = client_id
+        self._observer = observer
         self.authority_host = authority_host.rstrip("/")
         self._credentials = credentials
         self._scope_roles = dict(scope_roles)
@@ -173,9 +183,26 @@ class TokenIssuer:
             refused = self._refused.get(tenant_id)
             if refused is not None and refused[0] > self._clock():
                 raise refused[1]
-            token = self._acquire(tenant_id, scope, min_ttl)
+            try:
+                token = self._acquire(tenant_id, scope, min_ttl)
+            except BrokerError as exc:
+                self._observe(tenant_id, exc)
+                raise
             self._fresh[(tenant_id, scope)] = token
+            self._observe(tenant_id, None)
             return token
+
+    def _observe(self, tenant_id: str, error: BrokerError | None) -> None:
+        """Tell the health record what Entra ID said (misses only: a cached token says nothing new)."""
+        if self._observer is None:
+            return
+        try:
+            if error is None:
+                self._observer.success(tenant_id, "token")
+            else:
+                self._observer.failure(tenant_id, error.code, "token")
+        except Exception:  # health is advisory: it must never fail a token request
+            log.exception("token.acquire tenant=%s outcome=observer_failed", tenant_id)
 
     def evict(self, tenant_id: str) -> None:
         """Forget a tenant's app and tokens (after a consent change or offboarding)."""
@@ -334,7 +361,7 @@ class TokenIssuer:
     def _check(self, result: Mapping[str, Any], tenant_id: str, scope: str) -> AccessToken:
         value = str(result["access_token"])
         try:
-            claims = _claims(value)
+            claims = token_claims(value)
         except ValueError as exc:
             raise TokenMismatch("the issued token cannot be read", diagnostic=repr(exc)) from exc
         if str(claims.get("tid", "")).lower() != tenant_id:
@@ -364,7 +391,7 @@ class TokenIssuer:
             slot.cache.remove_at(entry)
 
 
-def _claims(token: str) -> dict[str, Any]:
+def token_claims(token: str) -> dict[str, Any]:
     """The payload of a JWT, unverified: the token came straight from Entra ID over TLS.
 
     Tokens for Graph and Defender cannot be validated by their clients (Microsoft's docs say so); the

@@ -18,8 +18,11 @@ from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 from broker.audit import AuditLog
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
 from broker.clouds import is_loopback_host
+from broker.consent import ConsentLinks, ConsentStates
 from broker.defender import IncidentApiClient
+from broker.doctor import Doctor
 from broker.errors import NotConfigured
+from broker.health import HealthBook
 from broker.incidents import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
 from broker.policy import RateLimiter
@@ -45,8 +48,12 @@ class Container:
     callers: CallerSwitches
     limiter: RateLimiter
     incidents: IncidentSync
+    health: HealthBook
+    consent: ConsentLinks
+    doctor: Doctor
 
     def close(self) -> None:
+        self.health.close()
         self.audit.close()
         self.incidents.close()
         self.issuer.close()
@@ -75,15 +82,19 @@ def caller_authenticator(settings: Settings) -> Authenticator:
     return EntraAuthenticator(tenant_id=tenant, audiences=audiences, keys=keys)
 
 
-def incident_sync(
-    settings: Settings, storage: StorageAccount, tenants: TenantRegistry, issuer: TokenIssuer
-) -> IncidentSync:
-    """The incident prefetch: API client with the persisted per-tenant budget, blob + table store, queue."""
+def incident_api(settings: Settings, storage: StorageAccount, issuer: TokenIssuer) -> IncidentApiClient:
+    """The Defender/Graph client, spending the persisted per-tenant call budget."""
     budget = CallBudget(
         lambda: storage.table("syncbudget"),
         ((settings.sync_budget_per_minute, 60.0), (settings.sync_budget_per_hour, 3600.0)),
     )
-    api = IncidentApiClient(issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url)
+    return IncidentApiClient(issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url)
+
+
+def incident_sync(
+    settings: Settings, storage: StorageAccount, tenants: TenantRegistry, api: IncidentApiClient
+) -> IncidentSync:
+    """The incident prefetch: the API client, blob + table store, queue."""
     return IncidentSync(
         tenants=tenants,
         api=api,
@@ -94,6 +105,12 @@ def incident_sync(
         overlap_seconds=settings.sync_overlap_seconds,
         lookback_days=settings.sync_lookback_days,
     )
+
+
+def api_scope(settings: Settings, api_name: str) -> str:
+    """The scope of a tenant's incident API (Defender or Graph), or the first allowed scope."""
+    wanted = settings.cloud.graph_scope if api_name == "graph" else settings.cloud.defender_scope
+    return wanted if wanted in settings.allowed_scopes else settings.allowed_scopes[0]
 
 
 def quiet_sdk_loggers() -> None:
@@ -127,16 +144,19 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
             certificate=settings.credential_mode == "certificate",
             refresh_seconds=settings.secret_refresh_seconds,
         )
+    health = HealthBook(lambda: storage.table("tenanthealth"))
     issuer = TokenIssuer(
         client_id=settings.broker_client_id,
         authority_host=settings.authority_host,
         credentials=credentials,
         scope_roles=settings.scope_roles,
+        observer=health,
     )
     authenticator = caller_authenticator(settings)
     if settings.caller_auth == "entra" and not settings.caller_policy.grants:
         log.warning("broker.start caller_policy=empty: every caller is refused until CALLER_POLICY grants access")
     tenants = TenantRegistry(lambda: storage.table("tenants"))
+    api = incident_api(settings, storage, issuer)
     container = Container(
         settings=settings,
         identity=identity,
@@ -148,7 +168,25 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
         audit=AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode),
         callers=CallerSwitches(lambda: storage.table("callers")),
         limiter=RateLimiter(settings.caller_rate_per_minute),
-        incidents=incident_sync(settings, storage, tenants, issuer),
+        incidents=incident_sync(settings, storage, tenants, api),
+        health=health,
+        consent=ConsentLinks(
+            ConsentStates(lambda: storage.table("consent"), ttl_seconds=settings.consent_link_ttl_hours * 3600),
+            authority_host=settings.authority_host,
+            client_id=settings.broker_client_id,
+            redirect_uri=settings.consent_redirect_uri,
+            scope_for=lambda api_name: api_scope(settings, api_name),
+        ),
+        doctor=Doctor(
+            tenants=tenants,
+            credentials=credentials,
+            issuer=issuer,
+            scopes=settings.allowed_scopes,
+            scope_roles=settings.scope_roles,
+            api_scope=lambda tenant: api_scope(settings, tenant.api),
+            probe=api.probe,
+            health=health,
+        ),
     )
     log.info(
         "broker.start mode=%s caller_auth=%s authority=%s vault=%s scopes=%d",

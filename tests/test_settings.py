@@ -103,3 +103,21 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([A-Za-z_]+)` \|", section, flags=re.M))
     assert documented == {s.name for s in SETTINGS}
+
+
+def test_the_consent_redirect_uri_follows_website_hostname_unless_overridden() -> None:
+    """Azure's WEBSITE_HOSTNAME gives https://<host>/api/consent/callback; CONSENT_REDIRECT_URI wins."""
+    assert Settings.from_environ(GOOD).consent_redirect_uri is None
+    derived = Settings.from_environ({**GOOD, "WEBSITE_HOSTNAME": "Broker-Prod.azurewebsites.net"})
+    assert derived.consent_redirect_uri == "https://broker-prod.azurewebsites.net/api/consent/callback"
+    custom = "https://broker.partner.example/api/consent/callback"
+    both = Settings.from_environ({**GOOD, "WEBSITE_HOSTNAME": "x.azurewebsites.net", "CONSENT_REDIRECT_URI": custom})
+    assert both.consent_redirect_uri == custom
+    local = Settings.from_environ({**GOOD, "CONSENT_REDIRECT_URI": "http://127.0.0.1:7071/api/consent/callback"})
+    assert local.consent_redirect_uri == "http://127.0.0.1:7071/api/consent/callback"
+    for bad in ("http://broker.example/cb", "https://broker.example/cb?x=1", "ftp://x/y"):
+        with pytest.raises(SettingsError) as info:
+            Settings.from_environ({**GOOD, "CONSENT_REDIRECT_URI": bad})
+        assert info.value.problems[0].startswith("CONSENT_REDIRECT_URI")
+    with pytest.raises(SettingsError):
+        Settings.from_environ({**GOOD, "WEBSITE_HOSTNAME": "evil.example/x"})
