@@ -189,6 +189,9 @@ output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_APP_NAME string = app.outputs.name
 output BROKER_URL string = 'https://${app.outputs.defaultHostName}'
+// Register this on the app registration as a web redirect URI (docs/app-registration.md); the broker derives
+// the same value from WEBSITE_HOSTNAME, and the CLI from this output in the azd environment.
+output CONSENT_REDIRECT_URI string = 'https://${app.outputs.defaultHostName}/api/consent/callback'
 output KEY_VAULT_NAME string = vault.outputs.name
 output KEY_VAULT_URL string = vault.outputs.uri
 output STORAGE_ACCOUNT_NAME string = storage.outputs.name
