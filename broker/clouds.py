@@ -28,6 +28,8 @@ Where each value comes from (Microsoft's documentation, by page):
   ``china`` preset has none and leaves the Defender scope out.
 - Key Vault DNS suffixes: the Azure cloud metadata (``az cloud show``: ``vault.azure.net``,
   ``vault.usgovcloudapi.net``, ``vault.azure.cn``).
+- Storage endpoint suffixes: the same metadata (``suffixes.storageEndpoint``: ``core.windows.net``,
+  ``core.usgovcloudapi.net``, ``core.chinacloudapi.cn``); Bicep's ``environment().suffixes.storage``.
 - Token-exchange audiences: Entra "Configure an application to trust a managed identity" (public
   ``api://AzureADTokenExchange``, Fairfax ``…USGov``, Mooncake ``…China``).
 
@@ -68,6 +70,8 @@ class Cloud:
     defender_scope: str = ""
     graph_scope: str = ""
     scope_roles: Mapping[str, str] = field(default_factory=dict)
+    #: Where an identity-based storage account named alone lives: ``<account>.<service>.<suffix>``.
+    storage_suffix: str = ""
 
     @property
     def allowed_scopes(self) -> tuple[str, ...]:
@@ -88,6 +92,7 @@ def _cloud(
     regions: dict[str, str],
     vault: str,
     exchange: str,
+    storage: str,
 ) -> Cloud:
     defender_scope = f"https://{defender[0]}/.default" if defender else ""
     graph_scope = f"https://{graph[0]}/.default"
@@ -108,6 +113,7 @@ def _cloud(
         defender_scope=defender_scope,
         graph_scope=graph_scope,
         scope_roles=MappingProxyType(roles),
+        storage_suffix=storage,
     )
 
 
@@ -131,6 +137,7 @@ CLOUDS: Mapping[str, Cloud] = MappingProxyType(
             },
             vault="vault.azure.net",
             exchange="api://AzureADTokenExchange",
+            storage="core.windows.net",
         ),
         "usgovernment": _cloud(
             "usgovernment",
@@ -140,6 +147,7 @@ CLOUDS: Mapping[str, Cloud] = MappingProxyType(
             regions={},
             vault="vault.usgovcloudapi.net",
             exchange="api://AzureADTokenExchangeUSGov",
+            storage="core.usgovcloudapi.net",
         ),
         "china": _cloud(
             "china",
@@ -149,6 +157,7 @@ CLOUDS: Mapping[str, Cloud] = MappingProxyType(
             regions={},
             vault="vault.azure.cn",
             exchange="api://AzureADTokenExchangeChina",
+            storage="core.chinacloudapi.cn",
         ),
     }
 )

@@ -39,6 +39,7 @@ AZURITE_CONNECTION_STRING = (
     "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
     "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
 )
+STORAGE_SERVICES = ("blob", "queue", "table")
 _KV_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,19}$")
 _HOSTNAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*(?::[0-9]{1,5})?$")
@@ -95,7 +96,21 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         secret=True,
     ),
-    Setting("AzureWebJobsStorage__accountName", "Storage account name for identity-based access.", ""),
+    Setting(
+        "AzureWebJobsStorage__accountName",
+        "Storage account name for identity-based access; the broker builds its endpoints on `AZURE_CLOUD`'s "
+        "storage suffix, the Functions host on the public cloud's (elsewhere set the service URIs).",
+        "",
+    ),
+    *(
+        Setting(
+            f"AzureWebJobsStorage__{service}ServiceUri",
+            f"https URI of the account's {service} service for identity-based access; set all three service "
+            "URIs instead of the account name in a sovereign cloud or with custom DNS.",
+            "",
+        )
+        for service in STORAGE_SERVICES
+    ),
     Setting("STORAGE_PREFIX", "Prefix of the broker's tables, queues and containers.", "broker"),
     Setting(
         "ALLOWED_SCOPES",
@@ -196,11 +211,13 @@ AuditMode = Literal["strict", "best_effort"]
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """Where the broker's tables, queues and blobs live: a connection string or an identity-based account."""
+    """Where the broker's tables, queues and blobs live: a connection string or an identity-based account,
+    whose service URIs (``blob``, ``queue``, ``table``) are as set, else the public cloud's for its name."""
 
     connection_string: Secret | None
     account_name: str | None
     prefix: str
+    service_uris: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -325,7 +342,7 @@ class _Parser:
             client_certificate_name=self.pattern("CLIENT_CERTIFICATE_NAME", _KV_NAME, "a Key Vault name"),
             managed_identity_client_id=mi_client_id or None,
             authority_host=self.endpoint("AUTHORITY_HOST", cloud.authority_host, check_authority, cloud),
-            storage=self._storage(),
+            storage=self._storage(cloud),
             allowed_scopes=scopes,
             scope_roles=self._scope_roles(scopes, cloud),
             secret_refresh_seconds=self.integer("SECRET_REFRESH_SECONDS", 1, 86_400),
@@ -382,17 +399,33 @@ class _Parser:
                 self.fail("ALLOWED_SCOPES", f"{scope!r} belongs to the {owner.name} cloud, not {cloud.name}")
         return scopes
 
-    def _storage(self) -> StorageSettings:
+    def _storage(self, cloud: Cloud) -> StorageSettings:
         connection = self.get("AzureWebJobsStorage")
         account = self.get("AzureWebJobsStorage__accountName")
         prefix = self.pattern("STORAGE_PREFIX", _PREFIX, "lowercase letters and digits, starting with a letter")
         if connection.lower().replace(" ", "") == "usedevelopmentstorage=true":
             connection = AZURITE_CONNECTION_STRING
-        if not connection and not account:
-            self.fail("AzureWebJobsStorage", "missing (or set AzureWebJobsStorage__accountName)")
+        uris = {service: self._service_uri(f"AzureWebJobsStorage__{service}ServiceUri") for service in STORAGE_SERVICES}
+        if any(uris.values()):
+            for service, uri in uris.items():
+                if not uri:
+                    self.fail(f"AzureWebJobsStorage__{service}ServiceUri", "missing (set all three service URIs)")
+        if not connection and not account and not any(uris.values()):
+            self.fail("AzureWebJobsStorage", "missing (or set AzureWebJobsStorage__accountName or the service URIs)")
         if account and not re.fullmatch(r"[a-z0-9]{3,24}", account):
             self.fail("AzureWebJobsStorage__accountName", "not a storage account name")
-        return StorageSettings(Secret(connection) if connection else None, account or None, prefix)
+        elif account and not any(uris.values()):
+            uris = {service: f"https://{account}.{service}.{cloud.storage_suffix}" for service in STORAGE_SERVICES}
+        return StorageSettings(Secret(connection) if connection else None, account or None, prefix, uris)
+
+    def _service_uri(self, name: str) -> str:
+        """A storage service URI: https, no credentials, query or fragment. No host list: an account may use
+        Azure DNS zone endpoints, and the host itself connects to whatever the setting names."""
+        value = self.get(name).rstrip("/")
+        parts = urlsplit(value)
+        if value and (parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or parts.username):
+            self.fail(name, "not an https URL without credentials, query or fragment")
+        return value
 
     def _scope_roles(self, scopes: tuple[str, ...], cloud: Cloud) -> dict[str, str]:
         raw = self.get("SCOPE_ROLES")

@@ -1,7 +1,8 @@
 """The storage account the Functions host already needs: tables, queues and blobs, through the Azure SDKs.
 
-A connection string (Azurite locally) or an identity-based account (``AzureWebJobsStorage__accountName``
-with the managed identity) — the same two forms the Functions host itself accepts. Names carry the
+A connection string (Azurite locally) or an identity-based account (the service URIs
+``AzureWebJobsStorage__blobServiceUri`` and its queue and table twins, or in the public cloud just
+``AzureWebJobsStorage__accountName``, with the managed identity) — the forms the Functions host itself accepts. Names carry the
 ``STORAGE_PREFIX`` so several brokers (or test runs) can share an account.
 """
 
@@ -45,12 +46,10 @@ class StorageAccount:
         else:
             if credential is None:
                 raise ValueError("identity-based storage needs a credential")
-            account = settings.account_name
-            self.tables = TableServiceClient(
-                f"https://{account}.table.core.windows.net", credential=credential, **kwargs
-            )
-            self.queues = QueueServiceClient(f"https://{account}.queue.core.windows.net", credential, **kwargs)
-            self.blobs = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential, **kwargs)
+            uris = settings.service_uris
+            self.tables = TableServiceClient(uris["table"], credential=credential, **kwargs)
+            self.queues = QueueServiceClient(uris["queue"], credential, **kwargs)
+            self.blobs = BlobServiceClient(uris["blob"], credential, **kwargs)
 
     def name(self, suffix: str, *, sep: str = "") -> str:
         return f"{self.prefix}{sep}{suffix}"

@@ -25,6 +25,10 @@ param location string
 @description('Resource group to create or reuse; empty: rg-<environmentName>.')
 param resourceGroupName string = ''
 
+// GUIDs: ARM checks the length before it creates anything, so an empty or truncated value fails the deployment
+// up front instead of deploying an app that refuses to start; the broker checks the full GUID form at start.
+@minLength(36)
+@maxLength(36)
 @description('Client ID (GUID) of the multi-tenant app registration the broker issues tokens as (docs/app-registration.md).')
 param brokerClientId string
 
@@ -36,14 +40,21 @@ param brokerClientId string
 @description('How the broker proves the app\'s identity to Entra ID (docs/credentials.md).')
 param credentialMode string = 'secret'
 
-@description('Home tenant (GUID) of the internal callers; empty: the tenant of this deployment.')
-param callerTenantId string = ''
+@minLength(36)
+@maxLength(36)
+@description('Home tenant (GUID) of the internal callers; by default the tenant of this deployment.')
+param callerTenantId string = subscription().tenantId
 
 @description('Audience of the callers\' tokens; empty: api://<brokerClientId>.')
 param callerAudience string = ''
 
-@description('CALLER_POLICY JSON: which caller may have which tenants and scopes; empty: the broker\'s default.')
-param callerPolicy string = ''
+@description('CALLER_POLICY as an object (broker/policy.py): which caller may have which tenants and scopes. Empty: nobody (deny by default).')
+param callerPolicy object = {}
+
+@minLength(1)
+@maxLength(127)
+@description('Key Vault certificate the broker presents in `certificate` mode; switching names is how a renewed certificate goes live (docs/credentials.md).')
+param clientCertificateName string = 'broker-client-certificate'
 
 @description('NCRONTAB schedule of the incident prefetch timer (six fields, UTC).')
 param incidentSyncSchedule string = '0 */5 * * * *'
@@ -73,12 +84,19 @@ param instanceMemoryMB int = 2048
 @description('Storage replication; Standard_LRS only where the region has no availability zones.')
 param storageSkuName string = 'Standard_ZRS'
 
-@description('More app settings, merged last (for the broker\'s optional settings, docs/deploy.md).')
+@description('More app settings as name: string value, for the broker\'s optional settings (docs/deploy.md). A name this template sets itself is ignored: the template\'s value wins.')
 param extraAppSettings object = {}
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
+}
+// The broker's name (AZURE_CLOUD, broker/clouds.py) for the cloud this deployment runs in; a cloud not
+// listed fails the deployment rather than deploying a broker that talks to another cloud's hosts.
+var brokerClouds = {
+  AzureCloud: 'public'
+  AzureUSGovernment: 'usgovernment'
+  AzureChinaCloud: 'china'
 }
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -140,6 +158,7 @@ module roles 'modules/role-assignments.bicep' = {
     principalId: identity.outputs.principalId
     storageAccountName: storage.outputs.name
     keyVaultName: vault.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
   }
 }
 
@@ -153,34 +172,42 @@ module app 'modules/function-app.bicep' = {
     name: 'func-broker-${resourceToken}'
     planName: 'plan-${resourceToken}'
     location: location
-    tags: union(tags, {
-      'azd-service-name': 'broker'
-    })
+    tags: tags
+    serviceName: 'broker'
     identityId: identity.outputs.id
     deploymentContainerUrl: '${storage.outputs.blobEndpoint}${storage.outputs.deploymentContainerName}'
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
-    appSettings: union({
-      // The Functions host: identity-based AzureWebJobsStorage through the user-assigned identity.
-      AzureWebJobsStorage__accountName: storage.outputs.name
+    // extraAppSettings first: union() lets the later object win, so nothing in it can override a setting
+    // below (CALLER_AUTH above all).
+    appSettings: union(extraAppSettings, {
+      // The Functions host: identity-based AzureWebJobsStorage through the user-assigned identity. Service
+      // URIs rather than the account name, whose endpoints the host (and the broker) would assume to be in
+      // the public cloud; environment() gives this cloud's storage suffix.
+      AzureWebJobsStorage__blobServiceUri: 'https://${storage.outputs.name}.blob.${environment().suffixes.storage}'
+      AzureWebJobsStorage__queueServiceUri: 'https://${storage.outputs.name}.queue.${environment().suffixes.storage}'
+      AzureWebJobsStorage__tableServiceUri: 'https://${storage.outputs.name}.table.${environment().suffixes.storage}'
       AzureWebJobsStorage__credential: 'managedidentity'
       AzureWebJobsStorage__clientId: identity.outputs.clientId
       APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+      APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identity.outputs.clientId}'
       // The broker (broker/settings.py; the rest keep their defaults, see docs/deploy.md).
+      AZURE_CLOUD: brokerClouds[environment().name]
       BROKER_CLIENT_ID: brokerClientId
       KEY_VAULT_URL: vault.outputs.uri
       CLIENT_CREDENTIAL_MODE: credentialMode
+      CLIENT_CERTIFICATE_NAME: clientCertificateName
       MANAGED_IDENTITY_CLIENT_ID: identity.outputs.clientId
       CALLER_AUTH: 'entra'
-      CALLER_TENANT_ID: empty(callerTenantId) ? tenant().tenantId : callerTenantId
+      CALLER_TENANT_ID: callerTenantId
       CALLER_AUDIENCE: empty(callerAudience) ? 'api://${brokerClientId}' : callerAudience
-      CALLER_POLICY: callerPolicy
+      CALLER_POLICY: empty(callerPolicy) ? '' : string(callerPolicy)
       AUDIT_MODE: 'strict'
       // Resolved by the host from app settings (%INCIDENT_SYNC_SCHEDULE%, %INCIDENT_SYNC_QUEUE%) before
       // any Python runs, so they must be set here even where the broker has a default.
       INCIDENT_SYNC_SCHEDULE: incidentSyncSchedule
       INCIDENT_SYNC_QUEUE: incidentSyncQueue
-    }, extraAppSettings)
+    })
   }
 }
 

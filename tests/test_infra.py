@@ -1,13 +1,16 @@
-"""infra/: the Bicep parses, is locked down as designed, and sets the app settings the broker reads.
+"""infra/: the Bicep parses, is locked down as designed, would pass ARM's checks for Flex Consumption, and
+sets the app settings the broker reads — from the azd environment as azd renders main.parameters.json.
 
 Parsed with pycep-parser (no Bicep compiler is available offline); `make lint` adds checkov on top
-(infra/validate.py).
+(infra/validate.py). The app settings are evaluated from the parsed template by a small evaluator that
+knows only the expression forms main.bicep uses and fails on any other, so a new form cannot slip past.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from pycep import BicepParser
 
 from broker import settings as broker_settings
+from broker.clouds import CLOUDS
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -26,11 +30,13 @@ KEY_VAULT_SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
 STORAGE_BLOB_DATA_OWNER = "b7e6dc6d-f1e8-4753-8033-0f276bb0955b"
 STORAGE_QUEUE_DATA_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
 STORAGE_TABLE_DATA_CONTRIBUTOR = "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3"
+MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
 EXPECTED_ROLES = {
     ("Microsoft.KeyVault/vaults", KEY_VAULT_SECRETS_USER),
     ("Microsoft.Storage/storageAccounts", STORAGE_BLOB_DATA_OWNER),
     ("Microsoft.Storage/storageAccounts", STORAGE_QUEUE_DATA_CONTRIBUTOR),
     ("Microsoft.Storage/storageAccounts", STORAGE_TABLE_DATA_CONTRIBUTOR),
+    ("Microsoft.Insights/components", MONITORING_METRICS_PUBLISHER),
 }
 
 # Settings the Functions host reads (not the broker), which main.bicep sets beside the broker's own.
@@ -38,28 +44,109 @@ HOST_SETTINGS = {
     "AzureWebJobsStorage__credential",
     "AzureWebJobsStorage__clientId",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
 }
-# Flex Consumption takes these from functionAppConfig or rejects them; they must not be app settings.
-FLEX_FORBIDDEN = {
-    "FUNCTIONS_WORKER_RUNTIME",
-    "FUNCTIONS_EXTENSION_VERSION",
-    "WEBSITE_RUN_FROM_PACKAGE",
-    "WEBSITE_CONTENTSHARE",
-    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
-    "SCM_DO_BUILD_DURING_DEPLOYMENT",
-    "ENABLE_ORYX_BUILD",
-}
+
+# "Flex Consumption plan deprecations": site properties and app settings that are "deprecated and shouldn't
+# be used when creating function app resources" on the plan; ARM rejects some outright (ftpsState: error
+# 51021). Source: learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations
+# (MicrosoftDocs/azure-docs, articles/azure-functions/functions-app-settings.md, ms.date 07/11/2025), copied
+# as data. The table writes site properties as `properties.<name>`; they are matched by their last name
+# wherever they sit under the site's properties (siteConfig included), ignoring case as ARM does.
+FLEX_DEPRECATED_APP_SETTINGS = frozenset(
+    {
+        "ENABLE_ORYX_BUILD",
+        "FUNCTIONS_EXTENSION_VERSION",
+        "FUNCTIONS_WORKER_RUNTIME",
+        "FUNCTIONS_WORKER_RUNTIME_VERSION",
+        "FUNCTIONS_MAX_HTTP_CONCURRENCY",
+        "FUNCTIONS_WORKER_PROCESS_COUNT",
+        "FUNCTIONS_WORKER_DYNAMIC_CONCURRENCY_ENABLED",
+        "SCM_DO_BUILD_DURING_DEPLOYMENT",
+        "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+        "WEBSITE_CONTENTOVERVNET",
+        "WEBSITE_CONTENTSHARE",
+        "WEBSITE_DNS_SERVER",
+        "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+        "WEBSITE_NODE_DEFAULT_VERSION",
+        "WEBSITE_RUN_FROM_PACKAGE",
+        "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
+        "WEBSITE_VNET_ROUTE_ALL",
+    }
+)
+FLEX_DEPRECATED_SITE_PROPERTIES = frozenset(
+    name.lower()
+    for name in (
+        "alwaysOn",
+        "containerSize",
+        "ftpsState",
+        "isReserved",
+        "IsXenon",
+        "javaVersion",
+        "LinuxFxVersion",
+        "netFrameworkVersion",
+        "powerShellVersion",
+        "functionAppScaleLimit",
+        "preWarmedInstanceCount",
+        "use32BitWorkerProcess",
+        "vnetBackupRestoreEnabled",
+        "vnetContentShareEnabled",
+        "vnetImagePullEnabled",
+        "vnetRouteAllEnabled",
+        "windowsFxVersion",
+    )
+)
+
+# Which resource types carry a `location` (Azure Resource Manager template reference, one page per type).
+# Tracked resources take one; so does basicPublishingCredentialsPolicies, a child that ARM has rejected
+# without one (the Azure Verified Module for web sites sets it). Every type infra/ uses must be listed in
+# one set or the other, so a new type forces the question.
+TAKES_LOCATION = frozenset(
+    {
+        "Microsoft.Resources/resourceGroups",
+        "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "Microsoft.OperationalInsights/workspaces",
+        "Microsoft.Insights/components",
+        "Microsoft.Storage/storageAccounts",
+        "Microsoft.KeyVault/vaults",
+        "Microsoft.Web/serverfarms",
+        "Microsoft.Web/sites",
+        "Microsoft.Web/sites/basicPublishingCredentialsPolicies",
+    }
+)
+NO_LOCATION = frozenset(
+    {
+        "Microsoft.Authorization/roleAssignments",
+        "Microsoft.Web/sites/config",
+        "Microsoft.Storage/storageAccounts/blobServices",
+        "Microsoft.Storage/storageAccounts/blobServices/containers",
+        "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies",
+        "Microsoft.Storage/storageAccounts/queueServices",
+        "Microsoft.Storage/storageAccounts/queueServices/queues",
+        "Microsoft.Storage/storageAccounts/tableServices",
+        "Microsoft.Storage/storageAccounts/tableServices/tables",
+    }
+)
+
 GUID = "00000000-0000-4000-8000-00000000abcd"
-# Stand-in values for the settings main.bicep computes at deployment time (outputs, tenant(), ternaries).
-DEPLOYMENT_VALUES = {
-    "AzureWebJobsStorage__accountName": "stbrokertest01",
-    "AzureWebJobsStorage__clientId": GUID,
-    "APPLICATIONINSIGHTS_CONNECTION_STRING": f"InstrumentationKey={GUID}",
-    "KEY_VAULT_URL": "https://kv-brokertest.vault.azure.net/",
-    "MANAGED_IDENTITY_CLIENT_ID": GUID,
+TENANT = "00000000-0000-4000-8000-0000000071d0"
+# What main.bicep's deployment-time expressions evaluate to, by their text: module outputs, the deployment's
+# subscription and cloud. The storage suffix is a sovereign cloud's, so nothing can pass by assuming
+# core.windows.net.
+DEPLOYMENT = {
+    "storage.outputs.name": "stbrokertest01",
+    "identity.outputs.clientId": GUID,
+    "monitoring.outputs.connectionString": f"InstrumentationKey={GUID};IngestionEndpoint=https://in.example/",
+    "vault.outputs.uri": "https://kv-brokertest.vault.usgovcloudapi.net/",
+    "environment().suffixes.storage": "core.usgovcloudapi.net",
+    "environment().name": "AzureUSGovernment",
+    "subscription().tenantId": TENANT,
+}
+# The azd environment of a first deployment: what `azd env new` / `azd env set` put in .azure/<env>/.env.
+AZD_ENV = {
+    "AZURE_ENV_NAME": "broker-prod",
+    "AZURE_LOCATION": "westeurope",
     "BROKER_CLIENT_ID": GUID,
-    "CALLER_TENANT_ID": GUID,
-    "CALLER_AUDIENCE": f"api://{GUID}",
 }
 
 
@@ -85,32 +172,167 @@ def only_resource(kind: str) -> dict[str, Any]:
     return config
 
 
+def app_settings_expression() -> Any:
+    return parsed(INFRA / "main.bicep")["modules"]["app"]["config"]["params"]["appSettings"]
+
+
 def main_app_settings() -> dict[str, Any]:
-    """The object literal main.bicep passes as the function app's settings (before extraAppSettings)."""
-    value = parsed(INFRA / "main.bicep")["modules"]["app"]["config"]["params"]["appSettings"]
-    if "function" in value:  # union({...}, extraAppSettings)
+    """The object literal main.bicep writes as the function app's settings (the last argument of union())."""
+    value = app_settings_expression()
+    if "function" in value:  # union(extraAppSettings, {...})
         assert value["function"]["type"] == "union"
-        value = value["function"]["parameters"]["arg_1"]
+        arguments = value["function"]["parameters"]
+        value = arguments[f"arg_{len(arguments)}"]
     assert isinstance(value, dict)
     return {key.strip("'"): item for key, item in value.items()}
 
 
-def deployed_environment(credential_mode: str) -> dict[str, str]:
-    """What the app settings resolve to in Azure: literals as written, parameters at their defaults."""
-    params = parsed(INFRA / "main.bicep")["parameters"]
-    env: dict[str, str] = {}
-    for name, value in main_app_settings().items():
-        if name == "CLIENT_CREDENTIAL_MODE":
-            env[name] = credential_mode
-        elif name in DEPLOYMENT_VALUES:
-            env[name] = DEPLOYMENT_VALUES[name]
-        elif isinstance(value, str) and value in params and params[value].get("default") is not None:
-            env[name] = str(params[value]["default"])
-        elif isinstance(value, str) and "${" not in value and value not in params:
-            env[name] = value
+def accessor_text(expression: Any) -> str:
+    """`a.b.c` or `f().b` as written, from pycep's nested property_accessor form."""
+    if isinstance(expression, str):
+        return expression
+    if "function" in expression and not (expression["function"].get("parameters") or {}).get("subscription_id"):
+        return f"{expression['function']['type']}()"
+    operator = expression.get("operator", {})
+    if operator.get("type") != "property_accessor":
+        raise AssertionError(f"not a property access: {expression!r}")
+    operands = operator["operands"]
+    return f"{accessor_text(operands['operand_1'])}.{accessor_text(operands['operand_2'])}"
+
+
+class Evaluator:
+    """main.bicep's expressions, evaluated for given parameter values and the DEPLOYMENT stand-ins.
+
+    pycep writes identifiers and string literals alike as Python strings: a string naming a parameter is
+    that parameter, any other is a literal (with ``${...}`` interpolated). Unknown forms fail the test.
+    """
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+
+    def __call__(self, expression: Any) -> Any:
+        if isinstance(expression, bool | int) or expression is None:
+            return expression
+        if isinstance(expression, str):
+            if expression in self.params:
+                return self.params[expression]
+            return re.sub(r"\$\{([^}]*)\}", lambda m: str(self.path(m.group(1))), expression)
+        if isinstance(expression, list):
+            return [self(item) for item in expression]
+        if "function" in expression:
+            call = expression["function"]
+            return self.function(call["type"], list((call.get("parameters") or {}).values()))
+        if "operator" in expression:
+            operator = expression["operator"]
+            operands = operator["operands"]
+            if operator["type"] == "conditional":
+                branch = "true_value" if self(operands["condition"]) else "false_value"
+                return self(operands[branch])
+            if operator["type"] == "index_accessor":
+                return self.variable(operands["operand_1"])[self(operands["operand_2"])]
+            return self.path(accessor_text(expression))
+        return {key.strip("'"): self(value) for key, value in expression.items()}
+
+    def variable(self, name: str) -> Any:
+        return self(parsed(INFRA / "main.bicep")["variables"][name]["value"])
+
+    def path(self, text: str) -> Any:
+        if text in self.params:
+            return self.params[text]
+        if text not in DEPLOYMENT:
+            raise AssertionError(f"add a stand-in for {text!r} to DEPLOYMENT")
+        return DEPLOYMENT[text]
+
+    def function(self, name: str, arguments: list[Any]) -> Any:
+        values = [self(argument) for argument in arguments]
+        if name == "union":
+            merged: dict[str, Any] = {}
+            for value in values:
+                merged.update(value)  # ARM: a later object's value wins
+            return merged
+        if name == "empty":
+            return values[0] in ("", {}, [], None)
+        if name == "string":
+            value = values[0]
+            return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        raise AssertionError(f"the evaluator does not know {name}()")
+
+
+def main_parameters() -> dict[str, Any]:
+    return dict(parsed(INFRA / "main.bicep")["parameters"])
+
+
+def envsubst(text: str, env: Mapping[str, str], unset: set[str]) -> str:
+    """azd's substitution (drone/envsubst): ${NAME}, and ${NAME=default} etc. taking the default when empty."""
+
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3) or ""
+        if name not in env:
+            unset.add(name)
+        return env.get(name, "") or default
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[=-](.*?))?\}", one, text)
+
+
+def render_parameters(env: Mapping[str, str]) -> dict[str, Any]:
+    """main.parameters.json as azd (>= 1.23.4) resolves it against an azd environment.
+
+    As in azd's loadParameters: an object or array parameter given as a string is substituted alone and
+    then parsed as JSON (so a JSON policy needs no escaping); any other parameter is substituted inside its
+    JSON text; a parameter that comes out empty because its variable is unset is left out, so the template's
+    default applies.
+    """
+    template = main_parameters()
+    given = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    rendered: dict[str, Any] = {}
+    for name, parameter in given.items():
+        unset: set[str] = set()
+        if template[name]["type"] in ("object", "array") and isinstance(parameter["value"], str):
+            text = envsubst(parameter["value"], env, unset)
+            if text == "" and unset:
+                continue
+            rendered[name] = json.loads(text)
+            continue
+        value = json.loads(envsubst(json.dumps(parameter), env, unset))["value"]
+        if value == "" and unset:
+            continue
+        rendered[name] = value
+    return rendered
+
+
+def provision(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parameters, app settings) of an `azd provision` from this azd environment."""
+    rendered = render_parameters(env)
+    params: dict[str, Any] = {}
+    defaults = Evaluator(params)
+    for name, parameter in main_parameters().items():
+        if name in rendered:
+            params[name] = rendered[name]
+        elif parameter.get("default") is not None:
+            params[name] = defaults(parameter["default"])
         else:
-            pytest.fail(f"{name}: add a stand-in value for {value!r} to DEPLOYMENT_VALUES")
-    return env
+            raise AssertionError(f"azd would prompt for {name}: the environment does not give it")
+    for name, value in params.items():
+        bounds = {d["type"]: d["argument"] for d in main_parameters()[name].get("decorators", [])}
+        if isinstance(value, str) and not bounds.get("min_length", 0) <= len(value) <= bounds.get("max_length", 1e9):
+            raise ValueError(f"ARM rejects {name}={value!r}: length outside {bounds}")
+    return params, Evaluator(params)(app_settings_expression())
+
+
+def deployed_environment(credential_mode: str) -> dict[str, str]:
+    """The app settings in Azure after `azd up` with this credential mode and nothing else set."""
+    _, app_settings = provision({**AZD_ENV, "CLIENT_CREDENTIAL_MODE": credential_mode})
+    return app_settings
+
+
+def site_property_names(value: Any) -> set[str]:
+    """Every key under a site's properties, at any depth, lowercased."""
+    if isinstance(value, dict):
+        names = {key.strip("'").lower() for key in value}
+        return names.union(*(site_property_names(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(site_property_names(item) for item in value))
+    return set()
 
 
 def role_definition(value: Any, variables: dict[str, Any]) -> str:
@@ -189,7 +411,82 @@ def test_function_app_runs_python_311_on_flex_consumption_as_its_identity() -> N
     assert config["deployment"]["storage"]["type"] == "blobContainer"
     assert config["deployment"]["storage"]["authentication"]["type"] == "UserAssignedIdentity"
     assert props["siteConfig"]["minTlsVersion"] == "1.2"
-    assert props["siteConfig"]["ftpsState"] == "Disabled"
+
+
+def test_no_site_property_or_app_setting_is_on_the_flex_consumption_deprecations_list() -> None:
+    """Nothing the site sets (siteConfig included) or any app setting is on Microsoft's Flex list."""
+    site = only_resource("Microsoft.Web/sites")
+    used = site_property_names(site["properties"])
+    assert used & FLEX_DEPRECATED_SITE_PROPERTIES == set()
+    assert "functionappconfig" in used  # the walk reaches the properties at all
+    assert set(main_app_settings()) & FLEX_DEPRECATED_APP_SETTINGS == set()
+    local_only = {"FUNCTIONS_WORKER_RUNTIME"}  # Core Tools needs it locally; Azure takes functionAppConfig
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text(encoding="utf-8"))["Values"]
+    assert set(sample) & FLEX_DEPRECATED_APP_SETTINGS == local_only
+
+
+def test_every_resource_that_takes_a_location_has_one() -> None:
+    """Each resource of a located type sets `location`; every type in infra/ is classified one way."""
+    for path in BICEP_FILES:
+        for name, body in (parsed(path).get("resources") or {}).items():
+            if body["existing"]:
+                continue
+            kind = body["type"]
+            assert kind in TAKES_LOCATION | NO_LOCATION, f"{path.name}: {name}: classify {kind} in this test"
+            has_location = "location" in body["config"]
+            assert has_location == (kind in TAKES_LOCATION), f"{path.name}: {name} ({kind}) location"
+
+
+def test_the_azd_service_tag_is_on_the_site_alone() -> None:
+    """`azd-service-name` tags the Function App only (older azd refuses two tagged resources)."""
+    tagged = [
+        (path.name, name, body["type"])
+        for path in BICEP_FILES
+        for name, body in (parsed(path).get("resources") or {}).items()
+        if "azd-service-name" in json.dumps(body["config"].get("tags"))
+    ]
+    assert [kind for _, _, kind in tagged] == ["Microsoft.Web/sites"], tagged
+    app_module = parsed(INFRA / "main.bicep")["modules"]["app"]["config"]["params"]
+    assert "azd-service-name" not in json.dumps(app_module["tags"])  # the plan gets the module's tags
+    plan = only_resource("Microsoft.Web/serverfarms")
+    assert plan["tags"] == "tags"
+
+
+def test_application_insights_takes_telemetry_only_from_the_apps_identity() -> None:
+    """Local auth is off; the host authenticates as the user-assigned identity, which may publish."""
+    component = only_resource("Microsoft.Insights/components")
+    assert component["properties"]["DisableLocalAuth"] is True
+    app_settings = deployed_environment("secret")
+    assert app_settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == f"Authorization=AAD;ClientId={GUID}"
+    assert app_settings["MANAGED_IDENTITY_CLIENT_ID"] == GUID
+    assert ("Microsoft.Insights/components", MONITORING_METRICS_PUBLISHER) in EXPECTED_ROLES
+
+
+def test_storage_service_uris_come_from_the_clouds_suffix() -> None:
+    """The host and the broker get blob, queue and table URIs built on environment().suffixes.storage."""
+    app_settings = deployed_environment("secret")
+    for service in ("blob", "queue", "table"):
+        uri = app_settings[f"AzureWebJobsStorage__{service}ServiceUri"]
+        assert uri == f"https://stbrokertest01.{service}.core.usgovcloudapi.net"
+    assert "AzureWebJobsStorage__accountName" not in app_settings  # the host would assume the public cloud
+    storage = broker_settings.Settings.from_environ(app_settings).storage
+    assert storage.service_uris["table"] == "https://stbrokertest01.table.core.usgovcloudapi.net"
+    for path in BICEP_FILES:
+        assert "core.windows.net" not in path.read_text(encoding="utf-8"), path.name
+
+
+def test_guid_parameters_are_validated_before_anything_is_created() -> None:
+    """Every client or tenant ID parameter must be 36 characters: an empty one fails at ARM validation."""
+    guid_params = {name: p for name, p in main_parameters().items() if name.endswith(("ClientId", "TenantId"))}
+    assert set(guid_params) == {"brokerClientId", "callerTenantId"}
+    for name, parameter in guid_params.items():
+        bounds = {d["type"]: d["argument"] for d in parameter.get("decorators", [])}
+        assert bounds.get("min_length") == 36, name
+        assert bounds.get("max_length") == 36, name
+    with pytest.raises(ValueError, match="brokerClientId"):
+        provision({**AZD_ENV, "BROKER_CLIENT_ID": "not-set-yet"})
+    params, _ = provision(AZD_ENV)
+    assert params["callerTenantId"] == TENANT  # the default: the deployment's own tenant
 
 
 def test_app_settings_are_settings_the_broker_or_the_host_reads() -> None:
@@ -197,15 +494,13 @@ def test_app_settings_are_settings_the_broker_or_the_host_reads() -> None:
     names = set(main_app_settings())
     known = {s.name for s in broker_settings.SETTINGS} | HOST_SETTINGS
     assert names - known == set()
-    assert names & FLEX_FORBIDDEN == set()
 
 
 def test_app_settings_give_the_host_identity_based_storage() -> None:
-    """AzureWebJobsStorage is the account name plus the user-assigned identity, never a connection string."""
+    """AzureWebJobsStorage is the service URIs plus the user-assigned identity, never a connection string."""
     app_settings = main_app_settings()
     assert "AzureWebJobsStorage" not in app_settings
     assert app_settings["AzureWebJobsStorage__credential"] == "managedidentity"
-    assert {"AzureWebJobsStorage__accountName", "AzureWebJobsStorage__clientId"} <= set(app_settings)
     assert app_settings["AzureWebJobsStorage__clientId"] == app_settings["MANAGED_IDENTITY_CLIENT_ID"]
 
 
@@ -259,5 +554,65 @@ def test_azure_yaml_deploys_this_directory_as_the_broker_function() -> None:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     service = lines[lines.index("broker:") + 1 : lines.index("broker:") + 4]
     assert sorted(service) == ["host: function", "language: python", "project: ."]
-    tags = parsed(INFRA / "main.bicep")["modules"]["app"]["config"]["params"]["tags"]
-    assert tags["function"]["parameters"]["arg_2"] == {"'azd-service-name'": "broker"}
+    assert parsed(INFRA / "main.bicep")["modules"]["app"]["config"]["params"]["serviceName"] == "broker"
+    site_tags = only_resource("Microsoft.Web/sites")["tags"]
+    assert site_tags["function"]["parameters"]["arg_2"] == {"'azd-service-name'": "serviceName"}
+
+
+POLICY = {
+    "groups": {"eu": ["contoso", "fabrikam"]},
+    "callers": [{"name": "soc-dashboard", "app_id": GUID, "tenants": ["group:eu"], "scopes": ["*"]}],
+}
+
+
+def test_caller_policy_and_extra_settings_come_from_the_azd_environment() -> None:
+    """`azd env set CALLER_POLICY '<json>'` reaches the app as that policy; extras add settings, not overrides."""
+    env = {
+        **AZD_ENV,
+        "CALLER_POLICY": json.dumps(POLICY, indent=2),  # quotes and newlines, as an operator pastes it
+        "EXTRA_APP_SETTINGS": json.dumps({"CALLER_RATE_PER_MINUTE": "1200", "CALLER_AUTH": "none"}),
+    }
+    params, app_settings = provision(env)
+    assert params["callerPolicy"] == POLICY
+    assert json.loads(app_settings["CALLER_POLICY"]) == POLICY
+    assert app_settings["CALLER_RATE_PER_MINUTE"] == "1200"
+    assert app_settings["CALLER_AUTH"] == "entra"  # the template's own settings win over extras
+    settings = broker_settings.Settings.from_environ(app_settings)
+    assert settings.caller_rate_per_minute == 1200
+    grants = settings.caller_policy.grants_for("some-object-id", GUID)
+    assert [sorted(g.tenants) for g in grants] == [["contoso", "fabrikam"]]
+
+
+def test_without_a_caller_policy_the_deployment_denies_everyone() -> None:
+    """CALLER_POLICY unset in the azd environment: the parameter is left out and nobody is granted."""
+    params, app_settings = provision(AZD_ENV)
+    assert params["callerPolicy"] == {}
+    assert app_settings["CALLER_POLICY"] == ""
+    assert broker_settings.Settings.from_environ(app_settings).caller_policy.grants_for(GUID, GUID) == []
+
+
+def test_every_provision_renders_the_same_settings_from_the_azd_environment() -> None:
+    """The policy lives in the azd environment, so each `azd provision` writes it again (nothing to lose)."""
+    env = {**AZD_ENV, "CALLER_POLICY": json.dumps(POLICY), "CLIENT_CERTIFICATE_NAME": "broker-cert-2027"}
+    first, second = provision(env)[1], provision(dict(env))[1]
+    assert first == second
+    assert first["CLIENT_CERTIFICATE_NAME"] == "broker-cert-2027"
+    assert provision(AZD_ENV)[1]["CLIENT_CERTIFICATE_NAME"] == "broker-client-certificate"
+
+
+def test_a_policy_that_is_not_json_stops_the_provision() -> None:
+    """A mistyped CALLER_POLICY fails while azd reads the parameters, before anything is deployed."""
+    with pytest.raises(json.JSONDecodeError):
+        provision({**AZD_ENV, "CALLER_POLICY": "{callers: []}"})
+
+
+def test_the_broker_is_told_which_cloud_it_was_deployed_in() -> None:
+    """AZURE_CLOUD follows environment().name for each cloud the broker knows, and only those."""
+    names = Evaluator({}).variable("brokerClouds")
+    assert set(names.values()) == set(CLOUDS)
+    assert set(names) == {"AzureCloud", "AzureUSGovernment", "AzureChinaCloud"}  # ARM's environment().name
+    app_settings = deployed_environment("secret")
+    assert app_settings["AZURE_CLOUD"] == "usgovernment"
+    settings = broker_settings.Settings.from_environ(app_settings)
+    assert settings.authority_host == "https://login.microsoftonline.us"
+

@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from azure.identity import DefaultAzureCredential
 
 from broker import wiring
 from broker.settings import AZURITE_CONNECTION_STRING, SETTINGS, Settings, SettingsError, read_environment
+from broker.storage import StorageAccount
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -121,3 +123,42 @@ def test_the_consent_redirect_uri_follows_website_hostname_unless_overridden() -
         assert info.value.problems[0].startswith("CONSENT_REDIRECT_URI")
     with pytest.raises(SettingsError):
         Settings.from_environ({**GOOD, "WEBSITE_HOSTNAME": "evil.example/x"})
+
+
+IDENTITY_STORAGE = {k: v for k, v in GOOD.items() if k != "AzureWebJobsStorage"}
+US_GOV_URIS = {
+    f"AzureWebJobsStorage__{service}ServiceUri": f"https://stbroker.{service}.core.usgovcloudapi.net/"
+    for service in ("blob", "queue", "table")
+}
+
+
+def test_identity_storage_uses_the_service_uris_it_is_given() -> None:
+    """Service URIs (a sovereign cloud's suffix here) are used as set; nothing assumes core.windows.net."""
+    storage = Settings.from_environ({**IDENTITY_STORAGE, **US_GOV_URIS}).storage
+    assert storage.connection_string is None
+    assert dict(storage.service_uris) == {
+        service: f"https://stbroker.{service}.core.usgovcloudapi.net" for service in ("blob", "queue", "table")
+    }
+    account = StorageAccount(storage, credential=DefaultAzureCredential())
+    assert account.blobs.url.startswith("https://stbroker.blob.core.usgovcloudapi.net")
+    assert account.queues.url.startswith("https://stbroker.queue.core.usgovcloudapi.net")
+    assert account.tables.url.startswith("https://stbroker.table.core.usgovcloudapi.net")
+
+
+def test_an_account_name_alone_gets_the_clouds_endpoints() -> None:
+    """`AzureWebJobsStorage__accountName` alone: endpoints on the storage suffix of `AZURE_CLOUD`."""
+    env = {**IDENTITY_STORAGE, "AzureWebJobsStorage__accountName": "stbroker"}
+    assert Settings.from_environ(env).storage.service_uris["table"] == "https://stbroker.table.core.windows.net"
+    china = {**env, "AZURE_CLOUD": "china", "KEY_VAULT_URL": "https://vault1.vault.azure.cn"}
+    assert Settings.from_environ(china).storage.service_uris["queue"] == "https://stbroker.queue.core.chinacloudapi.cn"
+
+
+def test_service_uris_come_as_a_set_of_three_over_https() -> None:
+    """One service URI missing, or one over http, is named; the storage setting itself is not blamed."""
+    env = {**IDENTITY_STORAGE, **US_GOV_URIS}
+    del env["AzureWebJobsStorage__queueServiceUri"]
+    env["AzureWebJobsStorage__tableServiceUri"] = "http://stbroker.table.core.usgovcloudapi.net"
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environ(env)
+    names = sorted(problem.split(":")[0] for problem in caught.value.problems)
+    assert names == ["AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__tableServiceUri"]

@@ -7,6 +7,9 @@ param planName string
 param location string
 param tags object = {}
 
+@description('The azd service this app is (azure.yaml): azd finds the app by this tag, which only the site carries.')
+param serviceName string
+
 @description('Resource ID of the user-assigned identity the app runs as.')
 param identityId string
 
@@ -36,7 +39,9 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 resource site 'Microsoft.Web/sites@2024-04-01' = {
   name: name
   location: location
-  tags: tags
+  tags: union(tags, {
+    'azd-service-name': serviceName
+  })
   kind: 'functionapp,linux'
   identity: {
     type: 'UserAssigned'
@@ -68,10 +73,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         version: '3.11'
       }
     }
+    // No ftpsState: Flex Consumption has no FTP(S) and ARM rejects the property there (it is on the plan's
+    // list of unsupported site properties); FTP publishing is refused by the `ftp` policy below as well.
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
     }
   }
@@ -84,10 +90,12 @@ resource settings 'Microsoft.Web/sites/config@2024-04-01' = {
 }
 
 // Deployments (azd, az functionapp deployment, Core Tools) authenticate with Entra ID; no publishing
-// user names and passwords.
+// user names and passwords. Each policy carries the site's location: ARM has rejected these child resources
+// without one (the Azure Verified Module for sites sets it for that reason).
 resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
   parent: site
   name: 'ftp'
+  location: location
   properties: {
     allow: false
   }
@@ -96,6 +104,7 @@ resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@
 resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
   parent: site
   name: 'scm'
+  location: location
   properties: {
     allow: false
   }

@@ -1,5 +1,10 @@
 // Log Analytics workspace and a workspace-based Application Insights component. The Functions host and the
 // broker's `key=value` log lines land in the `traces` table (queries: docs/operations.md).
+// Local authentication is off: the component accepts telemetry only from Entra ID principals holding
+// Monitoring Metrics Publisher on it (the app's identity, modules/role-assignments.bicep), which the host
+// uses through APPLICATIONINSIGHTS_AUTHENTICATION_STRING. The instrumentation key in the connection string
+// is then an address, not a credential. An exporter inside the app (OpenTelemetry) must authenticate as the
+// same identity (a ManagedIdentityCredential for MANAGED_IDENTITY_CLIENT_ID), or its telemetry is refused.
 
 param workspaceName string
 param appInsightsName string
@@ -31,9 +36,11 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
     Application_Type: 'web'
     WorkspaceResourceId: workspace.id
     RetentionInDays: retentionInDays
+    DisableLocalAuth: true
   }
 }
 
 output connectionString string = appInsights.properties.ConnectionString
 output appInsightsName string = appInsights.name
+output appInsightsId string = appInsights.id
 output workspaceId string = workspace.id
