@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -616,3 +618,66 @@ def test_the_broker_is_told_which_cloud_it_was_deployed_in() -> None:
     settings = broker_settings.Settings.from_environ(app_settings)
     assert settings.authority_host == "https://login.microsoftonline.us"
 
+
+# `az keyvault certificate get-default-policy` as Azure CLI prints it (the keys its own scenario test reads;
+# the lifetime action as Key Vault's default policy has it: renew by itself 90 days before expiry).
+CLI_DEFAULT_CERTIFICATE_POLICY = {
+    "issuerParameters": {"certificateTransparency": None, "certificateType": None, "name": "Self"},
+    "keyProperties": {"curve": None, "exportable": True, "keySize": 2048, "keyType": "RSA", "reuseKey": True},
+    "lifetimeActions": [{"action": {"actionType": "AutoRenew"}, "trigger": {"daysBeforeExpiry": 90}}],
+    "secretProperties": {"contentType": "application/x-pkcs12"},
+    "x509CertificateProperties": {"subject": "CN=CLIGetDefaultPolicy", "validityInMonths": 12},
+}
+
+
+def credentials_doc_policy_script() -> str:
+    """The Python program docs/credentials.md pipes the default policy through."""
+    text = (ROOT / "docs" / "credentials.md").read_text(encoding="utf-8")
+    found = re.search(r"get-default-policy \| python3 -c '\n(.*?)' > broker-certificate-policy\.json", text, re.S)
+    assert found, "docs/credentials.md no longer derives the certificate policy from the default one"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("style", ["camelCase", "snake_case"])
+def test_the_documented_certificate_policy_reminds_instead_of_renewing(style: str) -> None:
+    """The doc's policy keeps the default's key and trigger but turns AutoRenew into EmailContacts."""
+    policy = json.loads(json.dumps(CLI_DEFAULT_CERTIFICATE_POLICY))
+    if style == "snake_case":
+        policy["lifetime_actions"] = [{"action": {"action_type": "AutoRenew"}, "trigger": {"days_before_expiry": 90}}]
+        del policy["lifetimeActions"]
+    result = subprocess.run(
+        [sys.executable, "-c", credentials_doc_policy_script()],
+        input=json.dumps(policy),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    written = json.loads(result.stdout)
+    assert "AutoRenew" not in result.stdout
+    actions = written.get("lifetimeActions") or written["lifetime_actions"]
+    assert [entry["action"] for entry in actions] in (
+        [{"actionType": "EmailContacts"}],
+        [{"action_type": "EmailContacts"}],
+    )
+    assert written["keyProperties"]["exportable"] is True  # the broker reads the key through the secret
+
+
+def test_every_documented_certificate_uses_the_operator_controlled_policy() -> None:
+    """No `az keyvault certificate create` in the docs takes the default, self-renewing policy."""
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for command in re.findall(r"az keyvault certificate create[^\n]*", text):
+            assert "--policy @broker-certificate-policy.json" in command, f"{path.name}: {command}"
+
+
+def test_deploy_guide_ends_with_the_check_and_names_the_tool_versions() -> None:
+    """docs/deploy.md's last section is the post-`azd up` check; both guides give the same minimums."""
+    deploy = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    last = deploy.rsplit("\n## ", 1)[1]
+    assert last.startswith("The check after `azd up`")
+    for step in ("/api/health", "/api/health/ready", "python -m broker doctor", "/api/token"):
+        assert step in last, step
+    credentials = (ROOT / "docs" / "credentials.md").read_text(encoding="utf-8")
+    for minimum in ("1.23.4", "2.60.0"):
+        assert minimum in deploy.split("## Tools", 1)[1].split("\n## ", 1)[0], minimum
+        assert minimum in credentials, minimum
