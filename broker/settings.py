@@ -77,6 +77,12 @@ SETTINGS: tuple[Setting, ...] = (
         "broker-client-certificate",
     ),
     Setting(
+        "CLIENT_CERTIFICATE_SEND_X5C",
+        "`true`: each certificate assertion carries the chain (`x5c`), for an app that trusts certificates by "
+        "subject name and issuer; `false`: the SHA-256 thumbprint (`x5t#S256`) alone.",
+        "false",
+    ),
+    Setting(
         "MANAGED_IDENTITY_CLIENT_ID",
         "Client ID of the user-assigned identity for Key Vault (and the app credential in `federated` mode). "
         "Empty: system-assigned identity, or developer login locally.",
@@ -228,6 +234,7 @@ class Settings:
     credential_mode: CredentialMode
     client_secret_name: str
     client_certificate_name: str
+    client_certificate_send_x5c: bool
     managed_identity_client_id: str | None
     authority_host: str
     storage: StorageSettings
@@ -340,6 +347,7 @@ class _Parser:
             credential_mode=mode,  # type: ignore[arg-type]
             client_secret_name=self.pattern("CLIENT_SECRET_NAME", _KV_NAME, "a Key Vault secret name"),
             client_certificate_name=self.pattern("CLIENT_CERTIFICATE_NAME", _KV_NAME, "a Key Vault name"),
+            client_certificate_send_x5c=self.choice("CLIENT_CERTIFICATE_SEND_X5C", ("false", "true")) == "true",
             managed_identity_client_id=mi_client_id or None,
             authority_host=self.endpoint("AUTHORITY_HOST", cloud.authority_host, check_authority, cloud),
             storage=self._storage(cloud),

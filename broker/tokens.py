@@ -48,7 +48,8 @@ MAX_MIN_TTL = 3000  # Entra app-only tokens live 60-90 minutes; asking for more 
 NEGATIVE_CACHE_SECONDS = 10.0  # how long a consent or unknown-tenant answer is reused before asking again
 DEFAULT_RETRY_AFTER = 5
 _CONSENT_CODES = {700016, 65001, 7000112, 500011, 50020}
-_CREDENTIAL_CODES = {7000215, 7000222, 700027, 7000218, 700021, 700023, 700024}
+# 70021: no federated identity credential matches the assertion; 700212: its audience matches none.
+_CREDENTIAL_CODES = {7000215, 7000222, 700027, 7000218, 700021, 700023, 700024, 70021, 700212}
 
 
 class AcquisitionObserver(Protocol):
@@ -278,11 +279,12 @@ class TokenIssuer:
         with slot.lock:
             if slot.app is not None and slot.credential_version == credential.version:
                 return slot.app
+            authority = f"{self.authority_host}/{tenant_id}"
             try:
                 slot.app = msal.ConfidentialClientApplication(
                     self.client_id,
-                    client_credential=credential.value,
-                    authority=f"{self.authority_host}/{tenant_id}",
+                    client_credential=credential.for_msal(self.client_id, f"{authority}/oauth2/v2.0/token"),
+                    authority=authority,
                     instance_discovery=False,
                     token_cache=slot.cache,
                     http_client=self._http,

@@ -133,7 +133,8 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
     if settings.credential_mode == "federated":
         assert settings.managed_identity_client_id  # enforced by the settings parser
         credentials = FederatedCredentialSource(
-            ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+            ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
+            settings.cloud.token_exchange_audience,
         )
     else:
         credentials = KeyVaultCredentialSource(
@@ -142,6 +143,7 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
             if settings.credential_mode == "certificate"
             else settings.client_secret_name,
             certificate=settings.credential_mode == "certificate",
+            send_x5c=settings.client_certificate_send_x5c,
             refresh_seconds=settings.secret_refresh_seconds,
         )
     health = HealthBook(lambda: storage.table("tenanthealth"))

@@ -3,14 +3,17 @@
 One ``Directory`` is shared (thread-safely) by the Entra, managed-identity and Key Vault stand-ins::
 
     home tenant (the partner's)
-    ├── broker app (multi-tenant): client secrets, certificates, federated identity credentials
+    ├── broker app (multi-tenant): client secrets, certificates (by thumbprint, or trusted by subject
+    │   name and issuer), federated identity credentials
     ├── caller apps (single-tenant): a secret each, app roles on the broker's API
     └── managed identities: system-assigned, the broker's user-assigned one, callers' user-assigned ones
     customer tenants: GUID, domain, consented?, app roles granted per resource
     signing keys: RS256, one current ``kid`` (rotation keeps old keys published unless retired)
     vault: the Key Vault secrets (``sandbox.keyvault.Vault``)
 
-Everything that mints a token lives here, so tests can forge tokens the stand-ins would never issue
+``Directory(cloud="usgovernment")`` (or ``"china"``) plays that cloud's shape (``CloudShape``): its sign-in
+host in issuers and vault challenges, its token-exchange audience, and its Defender, Graph and Key Vault
+resource URIs. Everything that mints a token lives here, so tests can forge tokens the stand-ins would never issue
 (``mint_caller_token(exp=..., signing="bad-signature")``) and every stand-in checks bearers with
 ``verify_access_token``.
 """
@@ -31,6 +34,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -43,7 +47,8 @@ DEFENDER_RESOURCE = "https://api.security.microsoft.com"
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 VAULT_RESOURCE = "https://vault.azure.net"
 TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
-VAULT_AUDIENCES = (VAULT_RESOURCE, VAULT_RESOURCE + "/", "cfa8b339-82a2-471a-a3c9-0fc0be7a4093")
+VAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
+VAULT_AUDIENCES = (VAULT_RESOURCE, VAULT_RESOURCE + "/", VAULT_APP_ID)
 #: Resources a token can be asked for (v1 tokens), besides the broker's own API (v2 tokens).
 KNOWN_RESOURCES = (
     DEFENDER_RESOURCE,
@@ -52,6 +57,65 @@ KNOWN_RESOURCES = (
     "https://management.azure.com",
     "https://storage.azure.com",
 )
+
+
+@dataclass(frozen=True)
+class CloudShape:
+    """What differs between Microsoft clouds as the stand-ins play them: the sign-in host named in issuers
+    and Key Vault challenges, the token-exchange audience, and the resource URIs tokens are issued for.
+    The stand-ins are still reached over loopback; only names and checks change."""
+
+    name: str
+    login_host: str
+    token_exchange_audience: str
+    defender_resource: str
+    graph_resource: str
+    vault_resource: str
+    other_resources: tuple[str, ...] = ()
+
+    @property
+    def known_resources(self) -> tuple[str, ...]:
+        named = (self.defender_resource, self.graph_resource, self.vault_resource, *self.other_resources)
+        return tuple(r for r in named if r)
+
+    @property
+    def vault_audiences(self) -> tuple[str, ...]:
+        return (self.vault_resource, self.vault_resource + "/", VAULT_APP_ID)
+
+    def default_roles(self) -> dict[str, list[str]]:
+        roles = {self.defender_resource: ["Incident.Read.All"], self.graph_resource: ["SecurityIncident.Read.All"]}
+        return {resource: granted for resource, granted in roles.items() if resource}
+
+
+CLOUD_SHAPES = {
+    "public": CloudShape(
+        "public",
+        ENTRA_PUBLIC_HOST,
+        TOKEN_EXCHANGE_AUDIENCE,
+        DEFENDER_RESOURCE,
+        GRAPH_RESOURCE,
+        VAULT_RESOURCE,
+        KNOWN_RESOURCES[3:],
+    ),
+    "usgovernment": CloudShape(
+        "usgovernment",
+        "https://login.microsoftonline.us",
+        "api://AzureADTokenExchangeUSGov",
+        "https://api-gov.security.microsoft.us",
+        "https://graph.microsoft.us",
+        "https://vault.usgovcloudapi.net",
+        ("https://management.usgovcloudapi.net", "https://storage.azure.com"),
+    ),
+    "china": CloudShape(
+        "china",
+        "https://login.chinacloudapi.cn",
+        "api://AzureADTokenExchangeChina",
+        "",
+        "https://microsoftgraph.chinacloudapi.cn",
+        "https://vault.azure.cn",
+        ("https://management.chinacloudapi.cn", "https://storage.azure.com"),
+    ),
+}
 # The app roles the broker defines for its callers (docs/app-registration.md).
 DEFAULT_CALLER_ROLES = ("Broker.Token.Request", "Broker.Incidents.Read")
 SIGNATURE_MODES = ("valid", "bad-signature", "unknown-kid", "none")
@@ -165,8 +229,8 @@ class CertificateMaterial:
         key = serialization.load_pem_private_key(self.private_key_pem.encode(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise TypeError("the sandbox makes RSA keys only")
-        cert = x509.load_pem_x509_certificate(self.certificate_pem.encode())
-        blob = pkcs12.serialize_key_and_certificates(b"broker", key, cert, None, serialization.NoEncryption())
+        cert, *extra = x509.load_pem_x509_certificates(self.certificate_pem.encode())
+        blob = pkcs12.serialize_key_and_certificates(b"broker", key, cert, extra or None, serialization.NoEncryption())
         return base64.b64encode(blob).decode()
 
 
@@ -176,6 +240,26 @@ class FederatedCredential:
     issuer: str
     subject: str
     audiences: tuple[str, ...] = (TOKEN_EXCHANGE_AUDIENCE,)
+
+
+@dataclass(frozen=True)
+class TrustedSubject:
+    """Subject-name/issuer trust: any certificate with this subject CN issued by this CA is the app's."""
+
+    subject: str
+    issuer_pem: str = field(repr=False)
+
+    def accepts(self, leaf: x509.Certificate) -> bool:
+        names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names or names[0].value != self.subject:
+            return False
+        issuer = x509.load_pem_x509_certificate(self.issuer_pem.encode())
+        try:
+            leaf.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        now = dt.datetime.now(dt.UTC)
+        return leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc
 
 
 @dataclass
@@ -188,6 +272,7 @@ class Application:
     secrets: list[ClientSecret] = field(default_factory=list)
     certificates: list[RegisteredCertificate] = field(default_factory=list)
     federated: list[FederatedCredential] = field(default_factory=list)
+    trusted_subjects: list[TrustedSubject] = field(default_factory=list)
     api_roles: list[str] = field(default_factory=list)  # roles granted on the broker's API (callers)
     redirect_uris: list[str] = field(default_factory=list)  # web redirect URIs (admin consent returns here)
     #: The application permissions the app registration requires; admin consent grants exactly these.
@@ -248,26 +333,36 @@ class SigningKey:
         }
 
 
-def make_client_certificate(common_name: str = "partner-token-broker") -> CertificateMaterial:
-    """A fresh RSA-2048 key and self-signed certificate, as an app credential."""
+def make_client_certificate(
+    common_name: str = "partner-token-broker", *, issuer: CertificateMaterial | None = None, ca: bool = False
+) -> CertificateMaterial:
+    """A fresh RSA-2048 key and certificate, self-signed or issued by ``issuer`` (whose certificate then
+    follows the leaf in ``certificate_pem``, as a chain); ``ca`` makes a certificate authority."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer: Any = key
+    issuer_name = name
+    if issuer is not None:
+        signer = serialization.load_pem_private_key(issuer.private_key_pem.encode(), password=None)
+        issuer_name = x509.load_pem_x509_certificate(issuer.certificate_pem.encode()).subject
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
     )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    chain_pem = cert_pem + (issuer.certificate_pem if issuer is not None else "")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-    return CertificateMaterial(key_pem, cert_pem, RegisteredCertificate.from_pem(cert_pem).thumbprint)
+    return CertificateMaterial(key_pem, chain_pem, RegisteredCertificate.from_pem(cert_pem).thumbprint)
 
 
 class Directory:
@@ -283,8 +378,10 @@ class Directory:
         mi_token_lifetime: int = 86399,
         client_secret_name: str = "broker-client-secret",  # noqa: S107 (a name, not a secret)
         client_certificate_name: str = "broker-client-certificate",
+        cloud: str = "public",
     ) -> None:
         self._lock = threading.RLock()
+        self.shape = CLOUD_SHAPES[cloud]
         self.authority_host = authority_host.rstrip("/")
         self.token_lifetime = token_lifetime
         self.ext_expires_in = ext_expires_in
@@ -304,7 +401,7 @@ class Directory:
             stable_guid("app", "broker"),
             "partner-token-broker",
             multi_tenant=True,
-            required_permissions=default_roles(),
+            required_permissions=self.shape.default_roles(),
         )
         self._callers: dict[str, Application] = {}
         self.system_identity = ManagedIdentity(
@@ -325,9 +422,7 @@ class Directory:
         self.vault.set_secret(
             self.client_certificate_name, material.pem_bundle(), content_type="application/x-pem-file"
         )
-        self.add_federated_credential(
-            issuer=f"{ENTRA_PUBLIC_HOST}/{self.home.tenant_id}/v2.0", subject=self.broker_identity.principal_id
-        )
+        self.add_federated_credential(issuer=self.exchange_issuer, subject=self.broker_identity.principal_id)
         for name in ("contoso", "fabrikam", "northwind"):
             self.add_customer_tenant(name)
         self.add_caller_app("soc-dashboard")
@@ -349,7 +444,7 @@ class Directory:
             name=name,
             domain=f"{name}.onmicrosoft.com",
             consented=consented,
-            roles=default_roles() if roles is None else {k: list(v) for k, v in roles.items()},
+            roles=self.shape.default_roles() if roles is None else {k: list(v) for k, v in roles.items()},
         )
         with self._lock:
             if tenant.tenant_id in self._tenants:
@@ -482,12 +577,31 @@ class Directory:
         return material
 
     def add_federated_credential(
-        self, issuer: str, subject: str, *, name: str | None = None, client_id: str | None = None
+        self,
+        issuer: str,
+        subject: str,
+        *,
+        name: str | None = None,
+        client_id: str | None = None,
+        audiences: tuple[str, ...] | None = None,
     ) -> FederatedCredential:
-        fic = FederatedCredential(name or f"fic-{len(self.broker.federated) + 1}", issuer, subject)
+        """A FIC on an app (the broker by default), for the cloud's token-exchange audience by default."""
+        fic = FederatedCredential(
+            name or f"fic-{len(self.broker.federated) + 1}",
+            issuer,
+            subject,
+            audiences or (self.shape.token_exchange_audience,),
+        )
         with self._lock:
             self._require_app(client_id or self.broker.client_id).federated.append(fic)
         return fic
+
+    def trust_subject_name(self, subject: str, issuer_pem: str, client_id: str | None = None) -> TrustedSubject:
+        """Subject-name/issuer trust on an app: certificates are accepted by subject and CA, not thumbprint."""
+        trust = TrustedSubject(subject, issuer_pem)
+        with self._lock:
+            self._require_app(client_id or self.broker.client_id).trusted_subjects.append(trust)
+        return trust
 
     def remove_federated_credentials(self, client_id: str | None = None) -> None:
         with self._lock:
@@ -584,6 +698,11 @@ class Directory:
 
     def issuer_v2(self, tenant_id: str) -> str:
         return f"{self.authority_host}/{tenant_id}/v2.0"
+
+    @property
+    def exchange_issuer(self) -> str:
+        """The issuer of managed-identity tokens for the token exchange: the cloud's sign-in host, home tenant."""
+        return f"{self.shape.login_host}/{self.home.tenant_id}/v2.0"
 
     def token_endpoint(self, tenant_id: str) -> str:
         return f"{self.authority_host}/{tenant_id}/oauth2/v2.0/token"
@@ -732,7 +851,7 @@ class Directory:
         if claims.get("ver") == "1.0":
             expected = {self.issuer_v1(tid)}
         else:
-            expected = {self.issuer_v2(tid), f"{ENTRA_PUBLIC_HOST}/{tid}/v2.0"}
+            expected = {self.issuer_v2(tid), f"{self.shape.login_host}/{tid}/v2.0"}
         if claims["iss"] not in expected:
             raise ValueError("issuer does not match tid")
         return claims

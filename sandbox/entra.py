@@ -6,9 +6,19 @@ Routes (``{tenant}`` is a GUID or a domain; documents and tokens always name the
   ``{tenantid}`` issuer template); unknown tenant → 400 ``invalid_tenant`` AADSTS90002;
 - ``GET /{tenant}/discovery/v2.0/keys`` and ``/common/discovery/v2.0/keys``;
 - ``POST /{tenant}/oauth2/v2.0/token``: ``grant_type=client_credentials`` with a client secret (form
-  or HTTP Basic), a certificate assertion (PS256/RS256, ``x5t#S256`` or ``x5t``, padded or not) or a
-  federated assertion (sandbox-signed, ``aud=api://AzureADTokenExchange``, matching a FIC). Exactly one
-  ``…/.default`` scope. Microsoft resources get v1 tokens, the broker's own API v2 tokens.
+  or HTTP Basic), a certificate assertion or a federated assertion. Exactly one ``…/.default`` scope.
+  Microsoft resources get v1 tokens, the broker's own API v2 tokens.
+
+  Certificate assertions (PS256/RS256, ``x5t#S256`` or ``x5t``, padded or not) are checked as Microsoft's
+  "certificate credentials" page lists: the key is a certificate registered on the app (by thumbprint),
+  or — subject-name/issuer trust — the ``x5c`` leaf, when the app trusts its subject and it was issued by
+  the trusted CA; then signature, ``aud`` = this token endpoint, ``iss`` = ``sub`` = client id, ``exp``
+  (30 s leeway) and ``jti``, which is refused if seen before (AADSTS700030 is this stand-in's choice: the
+  real code for a replayed assertion is not in the documentation searched).
+
+  Federated assertions (a managed identity's token from the sandbox, signed by its key) must carry the
+  cloud's token-exchange audience (``api://AzureADTokenExchange`` in the public cloud) and match one of
+  the app's federated identity credentials on issuer, subject *and* audience (AADSTS70021 otherwise).
 - ``GET /{tenant}/v2.0/adminconsent?client_id=&scope=&redirect_uri=&state=``: the v2 admin-consent endpoint.
   The tenant's administrator answers as the directory says (``Tenant.admin_answer``): on approval the app is
   consented with its required permissions and the browser is sent (302) to ``redirect_uri`` with
@@ -21,14 +31,18 @@ Errors carry Entra's body (``error``, ``error_description`` with trace/correlati
 ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``).
 
 Counters: ``entra.discovery``, ``entra.jwks``, ``entra.token``, ``entra.adminconsent``, each also
-``:<tenant GUID>``.
+``:<tenant GUID>``; accepted assertions by kind: ``entra.assertion:x5t#S256``, ``…:x5t#S256+x5c``,
+``…:x5t``, ``…:federated``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import hmac
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from html import escape
@@ -36,18 +50,14 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode
 
 import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from sandbox.directory import (
-    KNOWN_RESOURCES,
-    TOKEN_EXCHANGE_AUDIENCE,
-    Application,
-    Directory,
-    Tenant,
-)
+from sandbox.directory import Application, Directory, Tenant
 from sandbox.state import FaultsAndLatency, Recorder
 
 ENTRA_SERVICE = "entra"
@@ -100,8 +110,31 @@ def tenant_not_found(ref: str, error: str = "invalid_tenant") -> OAuthError:
 class TokenIssuer:
     """The token endpoint's decisions, independent of HTTP."""
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, recorder: Recorder | None = None) -> None:
         self.directory = directory
+        self.recorder = recorder or Recorder()
+        self._lock = threading.Lock()
+        #: (client id, jti) of certificate assertions already used, until they expire.
+        self._used: dict[tuple[str, str], float] = {}
+
+    def _first_use(self, client_id: str, claims: dict[str, Any]) -> None:
+        """A certificate assertion is good for one request: its ``jti`` may not come back before ``exp``."""
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise _missing_claim("jti")
+        now = time.time()
+        with self._lock:
+            for key in [k for k, exp in self._used.items() if exp < now - 60]:
+                del self._used[key]
+            if (client_id, jti) in self._used:
+                raise OAuthError(
+                    401,
+                    "invalid_client",
+                    700030,
+                    f"The client assertion with identifier '{jti}' has already been used. A client assertion "
+                    "may be presented only once.",
+                )
+            self._used[(client_id, jti)] = float(claims.get("exp", now))
 
     def issue(
         self, tenant_ref: str, form: dict[str, str], basic: tuple[str, str] | None, endpoint_urls: set[str]
@@ -161,7 +194,7 @@ class TokenIssuer:
             )
         else:
             known = resource.rstrip("/")
-            if known not in KNOWN_RESOURCES and known not in tenant.roles:
+            if known not in d.shape.known_resources and known not in tenant.roles:
                 raise _resource_not_found(resource, tenant)
             roles = tenant.roles.get(known, []) if app is d.broker else []
             token = d.mint_access_token(
@@ -234,11 +267,12 @@ class TokenIssuer:
                 ),
                 None,
             )
-            if cert is None:
+            public_key = cert.public_key() if cert is not None else self._trusted_by_subject(app, header)
+            if public_key is None:
                 raise _bad_signature(f"The key was not found., Thumbprint of key used by client: '{s256 or sha1}'")
             if header.get("alg") not in ("RS256", "PS256"):
                 raise _bad_signature(f"Unsupported algorithm {header.get('alg')!r}")
-            claims = self._decode(assertion, cert.public_key(), [str(header["alg"])], None)
+            claims = self._decode(assertion, public_key, [str(header["alg"])], None)
             if claims.get("aud") not in endpoint_urls:
                 raise OAuthError(
                     401,
@@ -254,13 +288,19 @@ class TokenIssuer:
                     700021,
                     "Client assertion application identifier doesn't match 'client_id' parameter.",
                 )
+            self._first_use(app.client_id, claims)
+            kind = ("x5t#S256" if s256 else "x5t") + ("+x5c" if header.get("x5c") else "")
+            self.recorder.hit(f"entra.assertion:{kind}")  # ':' keeps it out of the request totals
             return
         # A federated assertion: issued by the sandbox (a managed identity's exchange token).
         key = self.directory.key_by_kid(header.get("kid"))
         if key is None or header.get("alg") != "RS256":
             raise _bad_signature("The key was not found.")
-        claims = self._decode(assertion, key.public_key, ["RS256"], TOKEN_EXCHANGE_AUDIENCE)
-        if not any(f.issuer == claims.get("iss") and f.subject == claims.get("sub") for f in list(app.federated)):
+        claims = self._decode(assertion, key.public_key, ["RS256"], self.directory.shape.token_exchange_audience)
+        if not any(
+            f.issuer == claims.get("iss") and f.subject == claims.get("sub") and claims.get("aud") in f.audiences
+            for f in list(app.federated)
+        ):
             raise OAuthError(
                 400,
                 "invalid_request",
@@ -269,6 +309,24 @@ class TokenIssuer:
                 f"'{claims.get('iss')}'. Assertion Subject: '{claims.get('sub')}'. Assertion Audience: "
                 f"'{claims.get('aud')}'.",
             )
+        self.recorder.hit("entra.assertion:federated")
+
+    @staticmethod
+    def _trusted_by_subject(app: Application, header: dict[str, Any]) -> Any:
+        """The leaf's key when ``x5c`` carries a certificate the app trusts by subject name and issuer."""
+        chain = header.get("x5c")
+        if not app.trusted_subjects or not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+            return None
+        try:
+            leaf = x509.load_der_x509_certificate(base64.b64decode(chain[0]))
+        except ValueError:
+            return None
+        thumbprint = base64.urlsafe_b64encode(hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest())
+        if thumbprint.rstrip(b"=").decode() != str(header.get("x5t#S256", "")).rstrip("="):
+            return None  # the thumbprint must name the certificate that x5c carries
+        if any(trust.accepts(leaf) for trust in list(app.trusted_subjects)):
+            return leaf.public_key()
+        return None
 
     @staticmethod
     def _decode(assertion: str, key: Any, algorithms: list[str], audience: str | None) -> dict[str, Any]:
@@ -333,7 +391,11 @@ class AdminConsent:
         scope = params.get("scope", "")
         scopes = scope.split()
         resources = [s[: -len("/.default")].rstrip("/") for s in scopes if s.endswith("/.default")]
-        if not scopes or len(resources) != len(scopes) or not all(r in KNOWN_RESOURCES for r in resources):
+        if (
+            not scopes
+            or len(resources) != len(scopes)
+            or not all(r in self.directory.shape.known_resources for r in resources)
+        ):
             return _redirect(
                 redirect_uri,
                 _error_fields(
@@ -384,6 +446,10 @@ def error_page(exc: OAuthError) -> HTMLResponse:
     return HTMLResponse(body, status_code=exc.status, headers={"Cache-Control": "no-store, no-cache"})
 
 
+def _missing_claim(name: str) -> OAuthError:
+    return OAuthError(401, "invalid_client", 50027, f"Invalid JWT token. The token has no '{name}' claim.")
+
+
 def _missing(name: str) -> OAuthError:
     return OAuthError(
         400, "invalid_request", 900144, f"The request body must contain the following parameter: '{name}'."
@@ -421,7 +487,7 @@ def _basic_auth(request: Request) -> tuple[str, str] | None:
 def create_entra_app(directory: Directory, recorder: Recorder) -> Any:
     """The Entra stand-in as an ASGI app (wrapped for faults and latency)."""
     issuer_v2 = directory.issuer_v2
-    issuer = TokenIssuer(directory)
+    issuer = TokenIssuer(directory, recorder)
     consent = AdminConsent(directory)
 
     def resolve(request: Request) -> tuple[str, Tenant | None]:

@@ -4,7 +4,7 @@ Wire behaviour mirrored from the Key Vault REST API as ``azure-keyvault-secrets`
 
 - any request without an acceptable bearer gets 401 with
   ``WWW-Authenticate: Bearer authorization="https://login.microsoftonline.com/{home}", resource="https://vault.azure.net"``
-  (the SDK always sends its first request unauthenticated);
+  (the cloud's sign-in host and vault resource; the SDK always sends its first request unauthenticated);
 - the bearer must be a sandbox-signed token for the vault audience from the home tenant; with an
   allow-list of principals, anyone else gets 403 ``ForbiddenByRbac``;
 - ``GET /secrets/{name}/[{version}]``, ``PUT /secrets/{name}``, ``PATCH /secrets/{name}/{version}``,
@@ -163,8 +163,8 @@ def create_keyvault_app(directory: Directory, recorder: Recorder) -> Any:
     """The vault as an ASGI app (wrapped for faults and latency)."""
     vault = directory.vault
     challenge = (
-        f'Bearer authorization="https://login.microsoftonline.com/{directory.home.tenant_id}", '
-        'resource="https://vault.azure.net"'
+        f'Bearer authorization="{directory.shape.login_host}/{directory.home.tenant_id}", '
+        f'resource="{directory.shape.vault_resource}"'
     )
 
     def vault_url(request: Request) -> str:
@@ -184,10 +184,8 @@ def create_keyvault_app(directory: Directory, recorder: Recorder) -> Any:
                 "AKV10000: Request is missing a Bearer or PoP token.",
                 **{"WWW-Authenticate": challenge},
             )
-        from sandbox.directory import VAULT_AUDIENCES
-
         try:
-            claims = directory.verify_access_token(token.strip(), VAULT_AUDIENCES)
+            claims = directory.verify_access_token(token.strip(), directory.shape.vault_audiences)
             if claims["tid"] != directory.home.tenant_id:
                 raise ValueError("AKV10032: Invalid issuer. Expected the vault's tenant.")
         except ValueError as exc:

@@ -4,8 +4,9 @@
 header ``X-IDENTITY-HEADER``; the reply is ``{access_token, expires_on, resource, token_type, client_id}``.
 
 - ``resource=https://vault.azure.net`` (or any Microsoft resource): a v1 token from the home tenant;
-- ``resource=api://AzureADTokenExchange``: the v2 assertion a federated identity credential accepts
-  (``iss=https://login.microsoftonline.com/{home}/v2.0``, ``sub`` = principal id); user-assigned only;
+- ``resource=api://AzureADTokenExchange`` (the cloud's token-exchange audience): the v2 assertion a
+  federated identity credential accepts (``iss=https://login.microsoftonline.com/{home}/v2.0`` with the
+  cloud's sign-in host, ``sub`` = principal id); user-assigned only;
 - ``resource=api://<broker client id>``: a v2 caller token carrying the identity's roles on the broker.
 
 Errors follow the endpoint's ``{"statusCode", "message"}`` shape. Counter: ``mi.token`` (and
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.directory import ENTRA_PUBLIC_HOST, KNOWN_RESOURCES, TOKEN_EXCHANGE_AUDIENCE, Directory
+from sandbox.directory import Directory
 from sandbox.state import FaultsAndLatency, Recorder
 
 MI_SERVICE = "mi"
@@ -58,20 +59,21 @@ def create_managed_identity_app(directory: Directory, recorder: Recorder, identi
         resource = resource.removesuffix("/.default")
         home = directory.home.tenant_id
         lifetime = directory.mi_token_lifetime
-        if resource == TOKEN_EXCHANGE_AUDIENCE:
+        exchange_audience = directory.shape.token_exchange_audience
+        if resource == exchange_audience:
             if not identity.user_assigned:
                 return _fail(
                     400, "Only user-assigned managed identities can be used as a federated identity credential."
                 )
             access_token = directory.mint_access_token(
                 tenant_id=home,
-                audience=TOKEN_EXCHANGE_AUDIENCE,
+                audience=exchange_audience,
                 client_id=identity.client_id,
                 version="2.0",
                 appidacr="2",
                 object_id=identity.principal_id,
                 lifetime=lifetime,
-                issuer=f"{ENTRA_PUBLIC_HOST}/{home}/v2.0",
+                issuer=directory.exchange_issuer,
                 idtyp=None,
             )
         elif directory.is_broker_api(resource):
@@ -85,7 +87,7 @@ def create_managed_identity_app(directory: Directory, recorder: Recorder, identi
                 object_id=identity.principal_id,
                 lifetime=lifetime,
             )
-        elif resource.rstrip("/") in KNOWN_RESOURCES:
+        elif resource.rstrip("/") in directory.shape.known_resources:
             access_token = directory.mint_access_token(
                 tenant_id=home,
                 audience=resource.rstrip("/"),

@@ -33,7 +33,7 @@ import uvicorn
 
 from sandbox.ca import SandboxCA, create_ca
 from sandbox.control import create_control_app
-from sandbox.directory import Directory
+from sandbox.directory import DEFENDER_RESOURCE, GRAPH_RESOURCE, Directory
 from sandbox.entra import create_entra_app
 from sandbox.keyvault import create_keyvault_app
 from sandbox.managed_identity import MI_PATH, create_managed_identity_app
@@ -204,7 +204,7 @@ class Sandbox:
             log.warning("sandbox.security_api not importable; Defender and Graph stand-ins are off")
         else:
             self.incidents = security_api.IncidentWorld()
-            verify = d.verify_access_token
+            verify = self._verify_for_cloud
             apps["defender"] = security_api.create_defender_app(self.incidents, r, verify)
             apps["graph"] = security_api.create_graph_app(self.incidents, r, verify)
             extra_routes = list(security_api.security_control_routes(self.incidents))
@@ -213,6 +213,13 @@ class Sandbox:
                     self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)
         apps["control"] = create_control_app(d, r, self.env, extra_routes)
         return apps
+
+    def _verify_for_cloud(self, token: str, audience: Any) -> dict[str, Any]:
+        """The security stand-ins name the public resources; in another cloud's shape, expect its own."""
+        shape = self.directory.shape
+        renamed = {DEFENDER_RESOURCE: shape.defender_resource, GRAPH_RESOURCE: shape.graph_resource}
+        wanted = renamed.get(audience, audience) if isinstance(audience, str) else audience
+        return self.directory.verify_access_token(token, wanted)
 
     # -- what clients need ---------------------------------------------------------------------------
 
@@ -232,6 +239,7 @@ class Sandbox:
             raise RuntimeError("sandbox not started")
         d = self.directory
         env = {
+            "AZURE_CLOUD": d.shape.name,
             "AUTHORITY_HOST": self.urls["entra"],
             "KEY_VAULT_URL": self.urls["kv"],
             "IDENTITY_ENDPOINT": self.urls["mi"] + MI_PATH,

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 import uvicorn
 
 from broker import wiring
@@ -148,6 +149,14 @@ def broker(sandbox: Sandbox, azurite: str) -> Iterator[BrokerServer]:
         yield server
     finally:
         server.stop()
+
+
+def trusting_session(box: Sandbox) -> requests.Session:
+    """A requests session that trusts the sandbox CA whatever the environment says (use it as a context)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = box.ca_bundle
+    return session
 
 
 def decode_claims(token: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import requests
 from azure.core.exceptions import ResourceNotFoundError
 from azure.identity import ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
+from conftest import trusting_session
 
 from sandbox.ca import SandboxCA
 from sandbox.client import ControlClient
@@ -57,11 +58,8 @@ def _no_leftover_faults(box: Sandbox) -> Iterator[None]:
 @pytest.fixture
 def http(box: Sandbox) -> Iterator[requests.Session]:
     """A requests session that trusts the sandbox CA whatever the environment says."""
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = box.ca_bundle
-    yield session
-    session.close()
+    with trusting_session(box) as session:
+        yield session
 
 
 @pytest.fixture
