@@ -103,7 +103,7 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     """The README's configuration table and the catalogue name the same settings."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"^\| `([A-Za-z_]+)` \|", section, flags=re.M))
+    documented = set(re.findall(r"^\| `([A-Za-z0-9_]+)` \|", section, flags=re.M))
     assert documented == {s.name for s in SETTINGS}
 
 
