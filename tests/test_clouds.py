@@ -3,10 +3,15 @@ those hosts (or loopback stand-ins); each refusal names its setting."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from conftest import decode_claims, start_broker
 
 from broker.clouds import CLOUDS
 from broker.settings import Settings, SettingsError
+from sandbox.directory import Directory
+from sandbox.server import Sandbox
 
 CLIENT = "11111111-2222-3333-4444-555555555555"
 BASE = {
@@ -190,3 +195,66 @@ def test_caller_audience_is_the_brokers_own_uri_or_client_id(audience: str, ok: 
 def test_an_unknown_cloud_is_refused_by_name() -> None:
     problems = refused({**BASE, "AZURE_CLOUD": "germany"})
     assert "must be one of public, usgovernment, china" in problems["AZURE_CLOUD"]
+
+
+# -- the sandbox in another cloud's shape, end to end --------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["usgovernment", "china"])
+def cloud_box(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A second sandbox playing a national cloud (its issuers, audiences and resources), and the process
+    environment (CA bundle, managed-identity endpoint) pointing at it for this module only."""
+    request.getfixturevalue("sandbox")  # the session's environment is set first, and restored after
+    box = Sandbox(tmp_path_factory.mktemp(request.param), directory=Directory(cloud=request.param)).start()
+    env = box.env()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
+            patch.setenv(name, env[name])
+        try:
+            yield box
+        finally:
+            box.stop()
+
+
+def test_a_national_cloud_broker_serves_that_clouds_scopes(cloud_box: Sandbox, azurite: str) -> None:
+    """AZURE_CLOUD with loopback stand-ins: the cloud's scopes are issued (and only they), and the vault is read
+    through the cloud's challenge (its sign-in host and vault resource)."""
+    shape = cloud_box.directory.shape
+    cloud = CLOUDS[shape.name]
+    before = cloud_box.recorder.counts()
+    server = start_broker(cloud_box, azurite)
+    try:
+        assert server.container.settings.cloud is cloud
+        for scope in cloud.allowed_scopes:
+            response = server.token("contoso", scope)
+            assert response.status_code == 200, response.text
+            assert decode_claims(response.json()["access_token"])["aud"] == scope.removesuffix("/.default")
+        public = server.token("contoso", "https://graph.microsoft.com/.default")
+        assert public.status_code == 400
+        assert public.json()["code"] == "scope_not_allowed"
+    finally:
+        server.stop()
+    after = cloud_box.recorder.counts()
+    assert after.get("kv.get", 0) - before.get("kv.get", 0) == 1
+    assert after.get("kv.challenge", 0) - before.get("kv.challenge", 0) == 1
+
+
+def test_federated_mode_uses_the_clouds_exchange_audience(cloud_box: Sandbox, azurite: str) -> None:
+    """The managed identity's assertion is asked for the cloud's audience (…USGov, …China) and accepted; a
+    broker left on the public preset asks for the public audience, which that cloud does not issue."""
+    cloud = CLOUDS[cloud_box.directory.shape.name]
+    before = cloud_box.recorder.count("entra.assertion:federated")
+    server = start_broker(cloud_box, azurite, CLIENT_CREDENTIAL_MODE="federated")
+    try:
+        response = server.token("fabrikam", cloud.graph_scope)
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
+    assert cloud_box.recorder.count("entra.assertion:federated") == before + 1
+    wrong = start_broker(cloud_box, azurite, CLIENT_CREDENTIAL_MODE="federated", AZURE_CLOUD="public")
+    try:
+        response = wrong.token("fabrikam", "https://graph.microsoft.com/.default")
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "credential_unavailable"
+    finally:
+        wrong.stop()
