@@ -28,7 +28,7 @@ from broker.errors import (
     UnknownTenant,
 )
 from broker.policy import ACTION_ROLES, Action
-from broker.tenants import Tenant, normalize_reference
+from broker.tenants import Tenant, is_tenant_guid, normalize_reference
 from broker.tokens import AccessToken
 from broker.wiring import Container
 
@@ -94,20 +94,19 @@ async def authorize(
 ) -> Access:
     """Whether ``caller`` may do ``action`` (with ``scope``) for the tenant it named; deny by default."""
     policy = c.settings.caller_policy
-    ref = "-"
+    target: Tenant | str = "-"
     try:
-        ref = normalize_reference(tenant_ref)
+        ref = target = normalize_reference(tenant_ref)
         tenant = c.tenants.cached(ref)
         if tenant is None:
             try:
                 tenant = await run_in_threadpool(c.tenants.resolve, ref)
             except UnknownTenant as exc:
-                if policy.sees_all_tenants(caller.id, caller.app_id):
+                if policy.sees_all_tenants(caller.id, caller.app_id, app_only=caller.app_only):
                     raise
                 # Saying "no such tenant" would let a caller map the registry: refuse as for any other.
-                raise Forbidden(
-                    f"caller {caller.label} may not use tenant {ref}", diagnostic="tenant_not_granted"
-                ) from exc
+                raise not_granted("unknown_tenant") from exc
+        target = tenant
         summary(request)["tenant"] = tenant.tenant_id
         decision = policy.decide(
             object_id=caller.id,
@@ -117,23 +116,33 @@ async def authorize(
             tenant_name=tenant.name,
             tenant_id=tenant.tenant_id,
             scope=scope,
+            app_only=caller.app_only,
         )
         if not decision.allowed:
-            what = f"{tenant.name} with scope {scope}" if scope else tenant.name
-            raise Forbidden(f"caller {caller.label} may not use tenant {what}", diagnostic=decision.reason)
+            raise not_granted(decision.reason)
         if not tenant.enabled:
             raise TenantDisabled(f"tenant {tenant.name} is disabled", diagnostic="tenant_disabled")
         return Access(caller, tenant)
     except BrokerError as exc:
-        await refused(c, request, exc, action=action, tenant=ref, scope=scope)
+        await refused(c, request, exc, action=action, tenant=target, scope=scope)
         raise
+
+
+NOT_GRANTED = "the caller's policy does not grant this tenant and scope"
+
+
+def not_granted(reason: str) -> Forbidden:
+    """The one refusal for a tenant the caller may not use, registered or not: the same words whatever
+    the reason (kept for the audit record and the log), naming no tenant, so refusals cannot map the
+    registry (which GUID is which name, which names exist)."""
+    return Forbidden(NOT_GRANTED, diagnostic=reason)
 
 
 async def require_admin(c: Container, request: Request) -> Caller:
     """An admin caller: the ``Broker.Admin`` role in its token and ``"admin": true`` in the policy."""
     caller = await authenticate(c, request, "admin")
     decision = c.settings.caller_policy.decide(
-        object_id=caller.id, app_id=caller.app_id, roles=caller.roles, action="admin"
+        object_id=caller.id, app_id=caller.app_id, roles=caller.roles, action="admin", app_only=caller.app_only
     )
     if not decision.allowed:
         exc = Forbidden(f"caller {caller.label} is not an administrator", diagnostic=decision.reason)
@@ -188,6 +197,7 @@ async def audit(
     """Record one decision; with ``wait`` return once it is stored (or raise ``AuditUnavailable``)."""
     request.state.audited = True
     rid = request_id(request)
+    tenant_id, tenant_name = _tenant_fields(tenant)
     record = AuditRecord(
         action=action,
         outcome=outcome,
@@ -195,8 +205,8 @@ async def audit(
         reason=reason,
         caller=caller.id if caller else "-",
         caller_app=(caller.app_id or "-") if caller else "-",
-        tenant=tenant.tenant_id if isinstance(tenant, Tenant) else tenant,
-        tenant_name=tenant.name if isinstance(tenant, Tenant) else "-",
+        tenant=tenant_id,
+        tenant_name=tenant_name,
         scope=scope or "-",
         request_id=str(rid),
         expires_on=token.expires_on if token else 0,
@@ -206,3 +216,13 @@ async def audit(
     if written is not None:
         summary(request)["audit"] = written.ref
     return written
+
+
+def _tenant_fields(tenant: Tenant | str) -> tuple[str, str]:
+    """The record's tenant GUID and name, each in its own field: a reference the caller gave goes to the
+    field of its kind (a name never lands where a GUID belongs)."""
+    if isinstance(tenant, Tenant):
+        return tenant.tenant_id, tenant.name
+    if is_tenant_guid(tenant):
+        return tenant, "-"
+    return "-", tenant

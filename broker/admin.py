@@ -16,7 +16,7 @@ from broker import access
 from broker.audit import parse_moment
 from broker.callers import normalize_principal
 from broker.errors import BadRequest, BrokerError, UnknownTenant
-from broker.tenants import normalize_reference
+from broker.tenants import is_tenant_guid, normalize_reference
 from broker.wiring import Container
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,13 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
         def work(c: Container, _caller: Any) -> dict[str, Any]:
             tenant = None
             if tenant_ref:
+                ref = normalize_reference(tenant_ref)
                 try:
-                    tenant = c.tenants.resolve(normalize_reference(tenant_ref)).tenant_id
+                    tenant = c.tenants.resolve(ref).tenant_id
                 except UnknownTenant:
-                    tenant = normalize_reference(tenant_ref)  # a removed tenant's GUID still has records
+                    if not is_tenant_guid(ref):
+                        raise  # records are found by GUID: a name means nothing once its tenant is gone
+                    tenant = ref  # a removed tenant's GUID still has records
             caller = normalize_principal(caller_ref) if caller_ref else None
             records, cursor = c.audit.query(
                 start, end, tenant=tenant, caller=caller, limit=limit, cursor=params.get("cursor")

@@ -13,7 +13,12 @@ internal services obtain for the broker with their own managed identity (``Entra
 - ``aud`` is ``CALLER_AUDIENCE`` (the app ID URI, v1 tokens) or the broker's client id (v2 tokens);
   ``iss`` is exactly the discovered v2 issuer (``ver`` 2.0) or ``https://sts.windows.net/{tid}/``
   (``ver`` 1.0); ``tid`` is ``CALLER_TENANT_ID``; ``exp``/``nbf`` with ``LEEWAY_SECONDS``.
-- App-only tokens only: a token with ``scp`` (a user's delegated token) is refused.
+- App-only tokens only, recognised positively as Microsoft documents them (access-token claims reference,
+  "Secure applications and APIs by validating claims", "Protected web API: verify scopes and app
+  roles"): ``idtyp`` is ``app`` when the optional claim is present; without it, ``scp`` is absent and
+  ``oid`` equals ``sub`` (a user's token has a pairwise ``sub`` that differs from its ``oid``). Anything
+  else is refused as ``not_app_only``, so a token's ``azp``/``appid`` is trusted as the caller's
+  application only for the application itself, never for a user signed in to it.
 
 A token already verified is remembered (by its exact text, until it expires, for at most
 ``VERIFIED_TTL_SECONDS``), so the hot path is a dictionary lookup.
@@ -43,7 +48,7 @@ import jwt
 from azure.data.tables import TableClient, UpdateMode
 
 from broker.errors import CallerDisabled, Unauthenticated, UpstreamUnavailable
-from broker.storage import PartitionSnapshot
+from broker.storage import PartitionSnapshot, SnapshotBacked
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class Caller:
     tenant_id: str | None = None
     app_id: str | None = None
     roles: frozenset[str] = field(default_factory=frozenset)
+    app_only: bool = False  # set only once the token was recognised as the application's own
 
     @property
     def label(self) -> str:
@@ -74,7 +80,9 @@ class Caller:
         return (self.id,) if not self.app_id or self.app_id == self.id else (self.id, self.app_id)
 
 
-LOCAL_CALLER = Caller(id="local", roles=frozenset({"Broker.Admin", "Broker.Token.Request", "Broker.Incidents.Read"}))
+LOCAL_CALLER = Caller(
+    id="local", roles=frozenset({"Broker.Admin", "Broker.Token.Request", "Broker.Incidents.Read"}), app_only=True
+)
 
 
 class Authenticator(Protocol):
@@ -269,18 +277,33 @@ class EntraAuthenticator:
         expected = self.keys.issuer if claims.get("ver") == "2.0" else self._v1_issuer
         if claims["iss"] != expected:
             raise _refused("the token's issuer is not the home tenant's", "wrong_issuer")
-        if "scp" in claims or claims.get("idtyp") == "user":
-            raise _refused("only app-only tokens (a service's own identity) are accepted", "user_token")
         oid = claims["oid"]
-        app_id = claims.get("azp") or claims.get("appid")
         if not isinstance(oid, str) or not _GUID.fullmatch(oid):
             raise _refused("the token's oid is not a GUID", "bad_oid")
+        if not app_only(claims):
+            raise _refused("only app-only tokens (a service's own identity) are accepted", "not_app_only")
+        app_id = claims.get("azp") if claims.get("ver") == "2.0" else claims.get("appid")
         raw_roles = claims.get("roles", [])
         roles = frozenset(r for r in raw_roles if isinstance(r, str)) if isinstance(raw_roles, list) else frozenset()
         caller = Caller(
-            id=oid, tenant_id=tid, app_id=app_id if isinstance(app_id, str) and app_id else None, roles=roles
+            id=oid,
+            tenant_id=tid,
+            app_id=app_id if isinstance(app_id, str) and _GUID.fullmatch(app_id) else None,
+            roles=roles,
+            app_only=True,
         )
         return caller, int(claims["exp"])
+
+
+def app_only(claims: Mapping[str, Any]) -> bool:
+    """Whether verified claims are an application's own token (no user), per Microsoft's documented test:
+    ``idtyp`` says so where the optional claim is configured; otherwise no ``scp`` and ``oid`` == ``sub``."""
+    if "scp" in claims:
+        return False
+    if "idtyp" in claims:
+        return bool(claims["idtyp"] == "app")
+    oid, sub = claims.get("oid"), claims.get("sub")
+    return isinstance(oid, str) and isinstance(sub, str) and bool(oid) and oid == sub
 
 
 # -- the caller kill switch ----------------------------------------------------------------------------
@@ -309,7 +332,7 @@ def _disabled(entities: Sequence[Mapping[str, Any]]) -> frozenset[str]:
     return frozenset(str(e["RowKey"]) for e in entities if not e.get("Enabled", True))
 
 
-class CallerSwitches:
+class CallerSwitches(SnapshotBacked):
     """Disabled callers, in a storage table, served from a snapshot re-read every ``refresh_seconds``."""
 
     def __init__(
@@ -320,18 +343,9 @@ class CallerSwitches:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
-        self._snapshot = PartitionSnapshot(
+        self._snapshot: PartitionSnapshot[frozenset[str]] = PartitionSnapshot(
             table, SWITCH_PARTITION, _disabled, what="caller switches", refresh_seconds=refresh_seconds, clock=clock
         )
-
-    @property
-    def refresh_seconds(self) -> float:
-        """The bound within which a switch set on any instance (or the CLI) reaches this one."""
-        return self._snapshot.refresh_seconds
-
-    @refresh_seconds.setter
-    def refresh_seconds(self, seconds: float) -> None:
-        self._snapshot.refresh_seconds = seconds
 
     def fresh(self) -> bool:
         return self._snapshot.fresh()
@@ -343,7 +357,8 @@ class CallerSwitches:
             raise CallerDisabled(f"caller {caller.label} is disabled", diagnostic="caller_disabled")
 
     async def ensure_fresh(self) -> None:
-        if not self.fresh():
+        """Re-read the switches when due (in a thread); ``KillSwitchesStale`` once they are too old to trust."""
+        if self._snapshot.current() is None:
             await asyncio.to_thread(self.reload)
 
     def reload(self) -> None:

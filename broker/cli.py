@@ -158,7 +158,8 @@ def plain_consent_url(settings: Settings, tenant: Tenant) -> str:
 
 def _tenants_list(args: argparse.Namespace) -> int:
     c = _container()
-    tenants = c.tenants.all()
+    registry = c.tenants
+    tenants = registry.all()
     health = c.health.view()
     print(
         f"{'NAME':<24} {'TENANT ID':<36} {'ENABLED':<7} {'API':<8} {'STATE':<9} {'CONSENT':<12} "
@@ -173,6 +174,8 @@ def _tenants_list(args: argparse.Namespace) -> int:
             f"{h.consent:<12} {(body['last_success_at'] or '-'):<20} {h.consecutive_failures:>5}  {failure}"
         )
     print(f"{len(tenants)} tenant(s)")
+    for problem in registry.refused_rows():
+        print(f"warning: stored row not served: {problem}", file=sys.stderr)
     return 0
 
 

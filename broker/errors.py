@@ -40,6 +40,7 @@
         ├── NotConfigured (503 not_configured)
         ├── NotReady (503 not_ready)                a dependency (Key Vault, storage, Entra ID) is failing
         ├── AuditUnavailable (503 audit_unavailable)
+        ├── KillSwitchesStale (503 kill_switches_stale)  storage unreadable past the switches' staleness
         ├── SyncBudgetExhausted (503 sync_budget_exhausted)  the tenant's API budget has no call left now
         └── SyncInProgress (409 sync_in_progress)  another run holds the tenant's sync lease
 
@@ -300,6 +301,11 @@ class NotReady(ServiceError):
 class AuditUnavailable(ServiceError):
     code = "audit_unavailable"
     title = "The audit log cannot be written; no token is issued without it"
+
+
+class KillSwitchesStale(ServiceError):
+    code = "kill_switches_stale"
+    title = "The kill switches cannot be read; nothing is served until they can"
 
 
 class SyncBudgetExhausted(ServiceError):

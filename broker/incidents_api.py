@@ -160,6 +160,7 @@ def incidents_router(container: Callable[[], Container]) -> APIRouter:
                         action="incidents",
                         tenant_name=t.name,
                         tenant_id=t.tenant_id,
+                        app_only=caller.app_only,
                     ).allowed
                 ]
             return {"tenants": await run_in_threadpool(c.incidents.status, tenants)}

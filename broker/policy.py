@@ -9,6 +9,11 @@ A request is allowed only when both hold:
    name, GUID, ``group:<name>`` or ``*``) and, for tokens, the scope (or ``*``); ``admin`` needs
    ``"admin": true``.
 
+Tenant names and GUIDs are separate namespaces here as in the registry: a GUID in a grant matches only a
+tenant's GUID, a name only a tenant's name, and a name that looks like a GUID is refused. An entry keyed
+by ``app_id`` applies only to an app-only token of that application (``Caller.app_only``): a user's
+delegated token carries the client's app id too, and must not inherit what the application was granted.
+
 ``CALLER_POLICY`` is an app setting (JSON, shown below). It is read and validated once, when a worker
 process builds its container; every problem is reported by entry. A change is an app-setting change,
 after which Azure Functions restarts the app, so every instance reads the new policy on its next start::
@@ -75,12 +80,14 @@ class Grant:
     name: str
     object_id: str | None
     app_id: str | None
-    tenants: frozenset[str]  # tenant names and GUIDs, or {"*"}
+    tenant_names: frozenset[str]
+    tenant_ids: frozenset[str]
     scopes: frozenset[str]  # scopes, or {"*"}
     admin: bool
+    all_tenants: bool = False
 
     def allows_tenant(self, name: str, tenant_id: str) -> bool:
-        return "*" in self.tenants or name in self.tenants or tenant_id in self.tenants
+        return self.all_tenants or name in self.tenant_names or tenant_id in self.tenant_ids
 
     def allows_scope(self, scope: str) -> bool:
         return "*" in self.scopes or scope in self.scopes
@@ -98,11 +105,13 @@ class Policy:
     def __init__(self, grants: Iterable[Grant] = (), *, allow_all: bool = False) -> None:
         self.grants = tuple(grants)
         self.allows_everything = allow_all
-        self._by_principal: dict[str, list[Grant]] = {}
+        self._by_object: dict[str, list[Grant]] = {}
+        self._by_app: dict[str, list[Grant]] = {}
         for grant in self.grants:
-            for principal in {grant.object_id, grant.app_id} - {None}:
-                assert principal is not None
-                self._by_principal.setdefault(principal, []).append(grant)
+            if grant.object_id:
+                self._by_object.setdefault(grant.object_id, []).append(grant)
+            if grant.app_id:
+                self._by_app.setdefault(grant.app_id, []).append(grant)
 
     @classmethod
     def allow_all(cls) -> Policy:
@@ -113,10 +122,11 @@ class Policy:
         """Parse and validate ``CALLER_POLICY``; an empty text is the empty (deny-all) policy."""
         return _parse(text, frozenset(allowed_scopes))
 
-    def grants_for(self, object_id: str, app_id: str | None) -> list[Grant]:
-        found = list(self._by_principal.get(object_id, ()))
-        if app_id and app_id != object_id:
-            found += [g for g in self._by_principal.get(app_id, ()) if g not in found]
+    def grants_for(self, object_id: str, app_id: str | None, *, app_only: bool = True) -> list[Grant]:
+        """The entries naming this caller: by object id, and by app id only for an app-only token."""
+        found = list(self._by_object.get(object_id, ()))
+        if app_only and app_id:
+            found += [g for g in self._by_app.get(app_id, ()) if g not in found]
         return found
 
     def decide(
@@ -129,13 +139,14 @@ class Policy:
         tenant_name: str = "",
         tenant_id: str = "",
         scope: str | None = None,
+        app_only: bool = True,
     ) -> Decision:
         """Deny by default: the role for ``action`` and a grant naming the caller must both allow it."""
         if self.allows_everything:
             return Decision(True, "allowed")
         if ACTION_ROLES[action] not in roles:
             return Decision(False, "role_missing")
-        grants = self.grants_for(object_id, app_id)
+        grants = self.grants_for(object_id, app_id, app_only=app_only)
         if not grants:
             return Decision(False, "no_policy_entry")
         if action == "admin":
@@ -147,9 +158,11 @@ class Policy:
             return Decision(False, "scope_not_granted")
         return Decision(True, "allowed")
 
-    def sees_all_tenants(self, object_id: str, app_id: str | None) -> bool:
+    def sees_all_tenants(self, object_id: str, app_id: str | None, *, app_only: bool = True) -> bool:
         """Whether telling this caller that a tenant does not exist reveals nothing it could not ask for."""
-        return self.allows_everything or any("*" in g.tenants for g in self.grants_for(object_id, app_id))
+        return self.allows_everything or any(
+            g.all_tenants for g in self.grants_for(object_id, app_id, app_only=app_only)
+        )
 
 
 def _parse(text: str, allowed_scopes: frozenset[str]) -> Policy:
@@ -165,7 +178,7 @@ def _parse(text: str, allowed_scopes: frozenset[str]) -> Policy:
     unknown = set(data) - {"groups", "callers"}
     if unknown:
         problems.append(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    groups: dict[str, frozenset[str]] = {}
+    groups: dict[str, frozenset[tuple[str, str]]] = {}
     raw_groups = data.get("groups", {})
     if not isinstance(raw_groups, dict):
         problems.append("groups: must be an object of group name to a list of tenant names")
@@ -180,7 +193,7 @@ def _parse(text: str, allowed_scopes: frozenset[str]) -> Policy:
         checked = set()
         for member in members:
             tenant = _tenant_ref(member)
-            if tenant is None or tenant == "*":
+            if tenant is None or tenant[0] == "*":
                 problems.append(f"{where}: {member!r} is not a tenant name or GUID")
             else:
                 checked.add(tenant)
@@ -206,19 +219,26 @@ def _parse(text: str, allowed_scopes: frozenset[str]) -> Policy:
     return Policy(grants)
 
 
-def _tenant_ref(value: object) -> str | None:
+def _tenant_ref(value: object) -> tuple[str, str] | None:
+    """``("id", guid)``, ``("name", name)`` or ``("*", "*")``; None for anything else, including a name that
+    looks like a GUID without being one in canonical form (it could only ever be mistaken for one)."""
+    from broker.tenants import guid_shaped  # the registry's own rule (imported late: tenants needs settings)
+
     if not isinstance(value, str):
         return None
     if value == "*":
-        return "*"
+        return ("*", "*")
     ref = value.lower()
-    return _guid(ref) or (ref if _NAME.fullmatch(ref) else None)
+    guid = _guid(ref)
+    if guid:
+        return ("id", guid)
+    return ("name", ref) if _NAME.fullmatch(ref) and not guid_shaped(ref) else None
 
 
 def _entry(
     index: int,
     entry: object,
-    groups: Mapping[str, frozenset[str]],
+    groups: Mapping[str, frozenset[tuple[str, str]]],
     allowed_scopes: frozenset[str],
     problems: list[str],
 ) -> Grant | None:
@@ -240,7 +260,7 @@ def _entry(
     for key, value in (("object_id", object_id), ("app_id", app_id)):
         if value is not None and _guid(value) is None:
             problems.append(f"{where}: {key} {value!r} is not a lowercase GUID")
-    tenants: set[str] = set()
+    tenants: set[tuple[str, str]] = set()
     raw_tenants = entry.get("tenants", [])
     if not isinstance(raw_tenants, list):
         problems.append(f"{where}: 'tenants' must be a list")
@@ -279,9 +299,11 @@ def _entry(
         name=str(name),
         object_id=_guid(object_id),
         app_id=_guid(app_id),
-        tenants=frozenset(tenants),
+        tenant_names=frozenset(ref for kind, ref in tenants if kind == "name"),
+        tenant_ids=frozenset(ref for kind, ref in tenants if kind == "id"),
         scopes=frozenset(scopes),
         admin=bool(admin),
+        all_tenants=("*", "*") in tenants,
     )
 
 

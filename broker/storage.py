@@ -21,13 +21,16 @@ from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient
 
-from broker.errors import UpstreamUnavailable
+from broker.errors import KillSwitchesStale, UpstreamUnavailable
 from broker.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRY_FAILED_RELOAD_SECONDS = 5.0
+# How long kill switches (the tenant registry, the caller switches) may be served from memory while
+# storage cannot be read: six refresh periods. Past it every request is refused (503 kill_switches_stale).
+MAX_STALE_SECONDS = 60.0
 
 
 class StorageAccount:
@@ -99,8 +102,10 @@ class PartitionSnapshot(Generic[T]):
     is seen, e.g. a kill switch.
 
     However many threads find it stale, one reads the table and the rest use what it read. When the
-    table cannot be read, the last good value keeps serving and storage is tried again after a few
-    seconds, not on every request; with no value yet, the caller gets ``UpstreamUnavailable``.
+    table cannot be read, the last good value keeps serving and storage is tried again every few seconds,
+    not on every request — but only for ``max_stale_seconds`` after the last good read. Past that the
+    snapshot fails closed: ``KillSwitchesStale`` (503, logged), because a kill switch nobody can see being
+    thrown is no switch. With no value yet, the caller gets ``UpstreamUnavailable``.
     """
 
     def __init__(
@@ -111,9 +116,11 @@ class PartitionSnapshot(Generic[T]):
         *,
         what: str,
         refresh_seconds: float = 10.0,
+        max_stale_seconds: float = MAX_STALE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.refresh_seconds = refresh_seconds
+        self.max_stale_seconds = max_stale_seconds
         self._table = table
         self._partition = partition
         self._build = build
@@ -121,7 +128,9 @@ class PartitionSnapshot(Generic[T]):
         self._clock = clock
         self._lock = threading.Lock()
         self._value: T | None = None
-        self._loaded_at = float("-inf")
+        self._loaded_at = float("-inf")  # the last good read
+        self._retry_at = float("-inf")  # after a failed read, the next read waits until then
+        self._invalidated = False
 
     @property
     def value(self) -> T | None:
@@ -129,33 +138,94 @@ class PartitionSnapshot(Generic[T]):
         return self._value
 
     def fresh(self) -> bool:
-        return self._clock() - self._loaded_at < self.refresh_seconds
+        return not self._invalidated and self._clock() - self._loaded_at < self.refresh_seconds
 
     def current(self) -> T | None:
-        """The value if it is fresh, else None (no I/O)."""
-        return self._value if self.fresh() else None
+        """The value if it may be used without I/O — fresh, or storage is failing and the next try is not
+        due yet while the value is within its staleness bound — else None (call ``get``)."""
+        if self._value is None:
+            return None
+        now = self._clock()
+        age = now - self._loaded_at
+        if not self._invalidated and age < self.refresh_seconds:
+            return self._value
+        if now < self._retry_at and age <= self.max_stale_seconds:
+            return self._value
+        return None
 
     def get(self, max_age: float | None = None) -> T:
         """The value, re-read first if it is older than ``max_age`` (default: ``refresh_seconds``)."""
         limit = self.refresh_seconds if max_age is None else max_age
         with self._lock:
-            if self._value is not None and self._clock() - self._loaded_at < limit:
+            now = self._clock()
+            if self._value is not None and not self._invalidated and now - self._loaded_at < limit:
                 return self._value
+            if self._value is not None and now < self._retry_at:
+                return self._within_staleness(now)
             try:
                 entities = list(self._table().query_entities("PartitionKey eq @pk", parameters={"pk": self._partition}))
             except AzureError as exc:
-                if self._value is not None:
-                    log.warning("%s.reload outcome=stale error=%s", self._what, exc.__class__.__name__)
-                    self._loaded_at = self._clock() - self.refresh_seconds + RETRY_FAILED_RELOAD_SECONDS
-                    return self._value
-                raise UpstreamUnavailable(
-                    f"the {self._what} cannot be read", diagnostic=repr(exc), retry_after=5
-                ) from exc
+                self._retry_at = now + RETRY_FAILED_RELOAD_SECONDS
+                if self._value is None:
+                    raise UpstreamUnavailable(
+                        f"the {self._what} cannot be read", diagnostic=repr(exc), retry_after=5
+                    ) from exc
+                log.warning(
+                    "%s.reload outcome=stale age_s=%.1f error=%s",
+                    self._what.replace(" ", "_"),
+                    now - self._loaded_at,
+                    exc.__class__.__name__,
+                )
+                return self._within_staleness(now)
             self._value = self._build(entities)
             self._loaded_at = self._clock()
+            self._retry_at = float("-inf")
+            self._invalidated = False
             return self._value
+
+    def _within_staleness(self, now: float) -> T:
+        assert self._value is not None
+        age = now - self._loaded_at
+        if age > self.max_stale_seconds:
+            log.error(
+                "%s.reload outcome=stale_refused age_s=%.1f max_stale_s=%.0f",
+                self._what.replace(" ", "_"),
+                age,
+                self.max_stale_seconds,
+            )
+            raise KillSwitchesStale(
+                f"the {self._what} could not be read for {age:.0f} s; refusing until storage answers",
+                diagnostic=f"{self._what} last read {age:.1f} s ago, limit {self.max_stale_seconds:.0f} s",
+                retry_after=int(RETRY_FAILED_RELOAD_SECONDS),
+            )
+        return self._value
 
     def invalidate(self) -> None:
         """Make the next read go to the table (after this instance changed it)."""
         with self._lock:
-            self._loaded_at = float("-inf")
+            self._invalidated = True
+            self._retry_at = float("-inf")
+
+
+class SnapshotBacked:
+    """A store served from a ``PartitionSnapshot`` (``self._snapshot``): its bounds, tunable at run time."""
+
+    _snapshot: PartitionSnapshot[Any]
+
+    @property
+    def refresh_seconds(self) -> float:
+        """The bound within which a change made on any instance (or the CLI) reaches this one."""
+        return self._snapshot.refresh_seconds
+
+    @refresh_seconds.setter
+    def refresh_seconds(self, seconds: float) -> None:
+        self._snapshot.refresh_seconds = seconds
+
+    @property
+    def max_stale_seconds(self) -> float:
+        """How long the last snapshot serves while storage cannot be read, before requests are refused."""
+        return self._snapshot.max_stale_seconds
+
+    @max_stale_seconds.setter
+    def max_stale_seconds(self, seconds: float) -> None:
+        self._snapshot.max_stale_seconds = seconds

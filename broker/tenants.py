@@ -2,7 +2,13 @@
 
 Only a GUID that came out of this registry ever goes into a URL. Caller input is checked against a strict
 shape first (a GUID, or a lowercase name), so ``../common``, ``organizations`` or ``evil.example/x`` are
-refused before anything is looked up. The registry lives in a storage table and is held in memory as a
+refused before anything is looked up.
+
+Names and GUIDs are separate namespaces. A name never looks like a GUID (``guid_shaped``): one that does is
+refused when a tenant is added, and a stored row of that shape is reported and never served. A reference
+is looked up among GUIDs when it is one and among names otherwise, never both, so a name can never stand
+for another tenant's GUID (``tenants add <fabrikam's GUID> <victim GUID>`` once let a grant for
+fabrikam's GUID reach the victim). The registry lives in a storage table and is held in memory as a
 snapshot, re-read every ``refresh_seconds`` (the bound within which a change made elsewhere — another
 instance, the CLI — is seen) and at once when a well-formed name is not found.
 """
@@ -11,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -23,7 +30,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
 from broker.errors import InvalidTenant, NotFound, UnknownTenant
-from broker.storage import PartitionSnapshot
+from broker.storage import PartitionSnapshot, SnapshotBacked
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,10 @@ class Tenant:
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name) or self.name in RESERVED_NAMES:
             raise ValueError(f"tenant name {self.name!r} must be lowercase letters, digits and hyphens")
+        if guid_shaped(self.name):
+            raise ValueError(
+                f"tenant name {self.name!r} looks like a GUID; a name must not (names and GUIDs are kept apart)"
+            )
         if not _GUID.fullmatch(self.tenant_id):
             raise ValueError("tenant_id must be a lowercase GUID")
         if self.api not in ("defender", "graph"):
@@ -77,12 +88,30 @@ def check_defender_url(url: str) -> None:
         raise ValueError("defender_url must be https://<region>.api.security.microsoft.com")
 
 
+def guid_shaped(text: str) -> bool:
+    """Whether ``text`` would read as a GUID to a person or a parser: 32 hex digits once hyphens and braces
+    are dropped, however they were placed."""
+    digits = text.strip().strip("{}").replace("-", "")
+    return len(digits) == 32 and all(c in string.hexdigits for c in digits)
+
+
+def is_tenant_guid(ref: str) -> bool:
+    """Whether a normalized reference names a tenant by GUID (else it is a name)."""
+    return _GUID.fullmatch(ref) is not None
+
+
 def normalize_reference(value: object) -> str:
-    """Check a caller's tenant reference and return it lowercased; raise ``InvalidTenant`` if malformed."""
+    """Check a caller's tenant reference and return it lowercased; raise ``InvalidTenant`` if malformed.
+
+    The result is either a canonical GUID or a name that does not look like one (``is_tenant_guid`` tells
+    which): ``{guid}`` or a GUID without its hyphens is neither, and refused.
+    """
     if not isinstance(value, str) or not value or len(value) > 64 or not value.isascii():
         raise InvalidTenant()
     ref = value.lower()
-    if ref in RESERVED_NAMES or not (_GUID.fullmatch(ref) or _NAME.fullmatch(ref)):
+    if _GUID.fullmatch(ref):
+        return ref
+    if ref in RESERVED_NAMES or not _NAME.fullmatch(ref) or guid_shaped(ref):
         raise InvalidTenant()
     return ref
 
@@ -95,8 +124,21 @@ def canonical_guid(value: str) -> str:
     return text
 
 
-class TenantRegistry:
-    """Tenants in a storage table, served from an in-memory snapshot."""
+@dataclass(frozen=True)
+class RegistryIndex:
+    """One read of the registry: tenants by name and, separately, by GUID; rows refused, with why."""
+
+    by_name: Mapping[str, Tenant] = field(default_factory=dict)
+    by_id: Mapping[str, Tenant] = field(default_factory=dict)
+    refused: tuple[str, ...] = ()
+
+    def get(self, ref: str) -> Tenant | None:
+        """The tenant a normalized reference names, looked up in its own namespace only."""
+        return (self.by_id if is_tenant_guid(ref) else self.by_name).get(ref)
+
+
+class TenantRegistry(SnapshotBacked):
+    """Tenants in a storage table, served from an in-memory snapshot (fails closed when too stale)."""
 
     def __init__(
         self,
@@ -106,7 +148,7 @@ class TenantRegistry:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
-        self._snapshot = PartitionSnapshot(
+        self._snapshot: PartitionSnapshot[RegistryIndex] = PartitionSnapshot(
             table, PARTITION, _index, what="tenant registry", refresh_seconds=refresh_seconds, clock=clock
         )
 
@@ -132,8 +174,12 @@ class TenantRegistry:
         return tenant
 
     def all(self) -> list[Tenant]:
-        snapshot = self._snapshot.get(0.0)
-        return sorted({t.name: t for t in snapshot.values()}.values(), key=lambda t: t.name)
+        """Every tenant served, read from storage now."""
+        return sorted(self._snapshot.get(0.0).by_name.values(), key=lambda t: t.name)
+
+    def refused_rows(self) -> tuple[str, ...]:
+        """Stored rows the registry does not serve, each with the reason (after the latest read)."""
+        return self._snapshot.get().refused
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -159,6 +205,13 @@ class TenantRegistry:
         for other in same_guid:
             if other["RowKey"] != tenant.name:
                 raise ValueError(f"tenant {tenant.tenant_id} is already registered as {other['RowKey']!r}")
+        try:
+            existing = table.get_entity(PARTITION, tenant.name)
+        except ResourceNotFoundError:
+            existing = None
+        if existing is not None and existing.get("TenantId") != tenant.tenant_id:
+            # Re-pointing a name would hand every grant of that name to another tenant: remove it first.
+            raise ValueError(f"{tenant.name!r} is already registered with tenant {existing.get('TenantId')}")
         table.upsert_entity(_to_entity(tenant), mode=UpdateMode.REPLACE)
         self._invalidate()
         return tenant
@@ -195,18 +248,34 @@ class TenantRegistry:
         self._snapshot.invalidate()
 
 
-def _index(entities: Sequence[Mapping[str, Any]]) -> dict[str, Tenant]:
-    """Tenants by name and by GUID; a malformed row is logged and skipped, never served."""
-    snapshot: dict[str, Tenant] = {}
+def _index(entities: Sequence[Mapping[str, Any]]) -> RegistryIndex:
+    """Tenants by name and by GUID. A malformed row (a GUID-shaped name among them) is reported and never
+    served; two rows claiming one GUID are both withheld, since either could be the impostor."""
+    tenants: list[Tenant] = []
+    refused: list[str] = []
     for entity in entities:
         try:
-            tenant = _from_entity(entity)
+            tenants.append(_from_entity(entity))
         except (KeyError, ValueError) as exc:
-            log.error("tenants.reload skipped=%s reason=%s", entity.get("RowKey"), exc)
-            continue
-        snapshot[tenant.name] = tenant
-        snapshot[tenant.tenant_id] = tenant
-    return snapshot
+            refused.append(f"{_printable(entity.get('RowKey'))}: {exc}")
+    claims: dict[str, list[Tenant]] = {}
+    for tenant in tenants:
+        claims.setdefault(tenant.tenant_id, []).append(tenant)
+    by_id: dict[str, Tenant] = {}
+    for tenant_id, claimants in claims.items():
+        if len(claimants) == 1:
+            by_id[tenant_id] = claimants[0]
+        else:
+            names = ", ".join(sorted(t.name for t in claimants))
+            refused += [f"{t.name}: tenant {tenant_id} is also registered as {names}" for t in claimants]
+    for problem in refused:
+        log.error("tenants.reload outcome=row_refused row=%s", problem)
+    return RegistryIndex({t.name: t for t in by_id.values()}, by_id, tuple(refused))
+
+
+def _printable(value: object) -> str:
+    text = str(value)[:80]
+    return text if text.isprintable() else repr(text)
 
 
 def _to_entity(tenant: Tenant) -> dict[str, object]:

@@ -133,8 +133,12 @@ def test_garbage_kids_do_not_hammer_entra(sandbox: Sandbox, server: BrokerServer
     assert sandbox.recorder.count("entra.jwks") - before <= 1
 
 
-def test_v1_token_for_the_app_id_uri_is_accepted(sandbox: Sandbox, server: BrokerServer, caller: Identity) -> None:
-    """A v1 token (``aud`` = app ID URI, ``iss`` = sts.windows.net) is as good as a v2 one."""
+@pytest.mark.parametrize("idtyp", ["app", None])
+def test_v1_token_for_the_app_id_uri_is_accepted(
+    sandbox: Sandbox, server: BrokerServer, caller: Identity, idtyp: str | None
+) -> None:
+    """A v1 token (``aud`` = app ID URI, ``iss`` = sts.windows.net, the app in ``appid``) is as good as a v2
+    one, with or without the optional ``idtyp`` claim (without it, ``oid`` = ``sub`` marks it app-only)."""
     d = sandbox.directory
     v1 = d.mint_access_token(
         tenant_id=d.home.tenant_id,
@@ -143,6 +147,7 @@ def test_v1_token_for_the_app_id_uri_is_accepted(sandbox: Sandbox, server: Broke
         object_id=caller.object_id,
         roles=caller.mi.api_roles,
         version="1.0",
+        idtyp=idtyp,
     )
     assert server.token("contoso", headers=bearer(v1)).status_code == 200
 

@@ -264,3 +264,37 @@ def test_caller_cannot_read_another_callers_incidents(
         "/api/incidents", params={"tenant": "fabrikam"}, headers=bearer(token_for(sandbox, people["b"]))
     )
     assert allowed.status_code == 200, allowed.text
+
+
+def test_names_and_guids_are_separate_namespaces_in_grants() -> None:
+    """A GUID in a grant matches only a tenant's GUID, never a tenant whose *name* is that text."""
+    other = "22222222-3333-4444-5555-666666666666"
+    p = Policy.parse(json.dumps({"callers": [{"name": "a", "object_id": GUID, "tenants": [other, "contoso"]}]}), SCOPES)
+    roles = frozenset(ALL_ROLES)
+
+    def allowed(name: str, tenant_id: str) -> bool:
+        return p.decide(
+            object_id=GUID, app_id=None, roles=roles, action="token", tenant_name=name, tenant_id=tenant_id
+        ).allowed
+
+    victim = "33333333-4444-5555-6666-777777777777"
+    assert allowed("fabrikam", other)
+    assert not allowed(other, victim)
+    assert allowed("contoso", victim)
+    assert not allowed("fabrikam", "contoso")
+
+
+@pytest.mark.parametrize("ref", ["22222222333344445555666666666666", "{22222222-3333-4444-5555-666666666666}"])
+def test_a_guid_shaped_name_in_the_policy_is_refused(ref: str) -> None:
+    with pytest.raises(PolicyError, match="is not a tenant name"):
+        Policy.parse(json.dumps({"callers": [{"name": "a", "object_id": GUID, "tenants": [ref]}]}), SCOPES)
+
+
+def test_app_id_entries_apply_only_to_app_only_tokens() -> None:
+    """An entry keyed by app ID grants nothing to a token that is not the application's own."""
+    app = "44444444-5555-6666-7777-888888888888"
+    p = Policy.parse(json.dumps({"callers": [{"name": "a", "app_id": app, "tenants": ["*"], "scopes": ["*"]}]}), SCOPES)
+    ask = {"object_id": GUID, "app_id": app, "roles": frozenset(ALL_ROLES), "action": "token", "tenant_name": "x"}
+    assert p.decide(**ask, app_only=True).allowed  # type: ignore[arg-type]
+    assert p.decide(**ask, app_only=False).reason == "no_policy_entry"  # type: ignore[arg-type]
+    assert not p.sees_all_tenants(GUID, app, app_only=False)

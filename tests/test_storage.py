@@ -7,7 +7,7 @@ import concurrent.futures
 import pytest
 from azure.core.exceptions import ServiceRequestError
 
-from broker.errors import UpstreamUnavailable
+from broker.errors import KillSwitchesStale, UpstreamUnavailable
 from broker.settings import Secret, StorageSettings
 from broker.storage import RETRY_FAILED_RELOAD_SECONDS, PartitionSnapshot, StorageAccount
 
@@ -50,18 +50,24 @@ class _FlakyTable:
         return list(self.rows)
 
 
-def test_a_snapshot_keeps_serving_through_a_storage_outage_and_backs_off() -> None:
-    """The last good value serves; storage is tried again after the back-off, not on every read."""
-    now = [0.0]
-    table = _FlakyTable()
-    snapshot = PartitionSnapshot(
+def _row_keys(table: _FlakyTable, now: list[float]) -> PartitionSnapshot[list[object]]:
+    """A snapshot of ``table``'s row keys: refreshed every 10 s, trusted for 60 s while storage is down."""
+    return PartitionSnapshot(
         lambda: table,  # type: ignore[arg-type,return-value]
         "p",
         lambda rows: [r["RowKey"] for r in rows],
         what="things",
         refresh_seconds=10,
+        max_stale_seconds=60,
         clock=lambda: now[0],
     )
+
+
+def test_a_snapshot_keeps_serving_through_a_storage_outage_and_backs_off() -> None:
+    """The last good value serves; storage is tried again after the back-off, not on every read."""
+    now = [0.0]
+    table = _FlakyTable()
+    snapshot = _row_keys(table, now)
     assert snapshot.get() == ["a"]
     table.fail = True
     now[0] = 11.0
@@ -81,3 +87,35 @@ def test_a_snapshot_with_nothing_read_yet_reports_the_outage() -> None:
     snapshot = PartitionSnapshot(lambda: table, "p", list, what="things")  # type: ignore[arg-type,return-value]
     with pytest.raises(UpstreamUnavailable, match="things"):
         snapshot.get()
+
+
+def test_a_snapshot_fails_closed_past_its_staleness_bound() -> None:
+    """While storage is down the last value serves up to ``max_stale_seconds`` after the last good read;
+    then every read is refused, and the first good read restores service."""
+    now = [0.0]
+    table = _FlakyTable()
+    snapshot = _row_keys(table, now)
+    assert snapshot.get() == ["a"]
+    table.fail = True
+    now[0] = 59.0
+    assert snapshot.get() == ["a"]
+    assert snapshot.current() == ["a"]  # backing off: no I/O, still within the bound
+    now[0] = 61.0
+    assert snapshot.current() is None
+    with pytest.raises(KillSwitchesStale):
+        snapshot.get()
+    table.fail = False
+    now[0] = 61.0 + RETRY_FAILED_RELOAD_SECONDS
+    assert snapshot.get() == ["a"]
+
+
+def test_invalidating_does_not_count_against_staleness() -> None:
+    """After this instance writes, the next read goes to storage; if that read fails the value still serves."""
+    now = [0.0]
+    table = _FlakyTable()
+    snapshot = PartitionSnapshot(lambda: table, "p", list, what="things", clock=lambda: now[0])  # type: ignore[arg-type,return-value]
+    first = snapshot.get()
+    snapshot.invalidate()
+    assert snapshot.current() is None
+    table.fail = True
+    assert snapshot.get() == first

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import uuid
 
 import pytest
 
 from broker.errors import InvalidTenant, UnknownTenant
-from broker.tenants import Tenant, TenantRegistry, canonical_guid, check_defender_url, normalize_reference
+from broker.settings import Secret, StorageSettings
+from broker.storage import StorageAccount
+from broker.tenants import (
+    Tenant,
+    TenantRegistry,
+    canonical_guid,
+    check_defender_url,
+    guid_shaped,
+    normalize_reference,
+)
 
 GUID = "0b6c1a4e-5f1d-4c3b-9a8e-2d7f6e5c4b3a"
 
@@ -114,3 +124,56 @@ def test_unknown_names_reload_at_most_once_a_second() -> None:
     with pytest.raises(UnknownTenant):
         registry.resolve("nobody4")
     assert table.scans == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [GUID, GUID.replace("-", ""), "0b6c1a4e5f1d-4c3b-9a8e-2d7f6e5c4b3a", "0b6c-1a4e-5f1d-4c3b-9a8e-2d7f-6e5c-4b3a"],
+)
+def test_a_tenant_name_never_looks_like_a_guid(name: str) -> None:
+    """Names and GUIDs are separate namespaces: a GUID-shaped name is refused however it is hyphenated."""
+    with pytest.raises(ValueError, match="looks like a GUID"):
+        Tenant(name, "7bba76b9-53c1-55af-9962-622c29d6e128")
+    assert guid_shaped(name)
+    assert not guid_shaped("contoso-0b6c1a4e")
+
+
+@pytest.mark.parametrize("ref", [GUID.replace("-", ""), "0b6c-1a4e-5f1d-4c3b-9a8e-2d7f-6e5c-4b3a"])
+def test_a_guid_shaped_reference_that_is_not_a_guid_is_invalid(ref: str) -> None:
+    with pytest.raises(InvalidTenant):
+        normalize_reference(ref)
+
+
+def test_the_registry_looks_names_and_guids_up_apart_and_withholds_bad_rows() -> None:
+    """A GUID-shaped row and two rows claiming one GUID are reported and not served; good rows are."""
+    other = "7bba76b9-53c1-55af-9962-622c29d6e128"
+    third = "1d6ea8d0-48dd-55a5-9ff1-ea4ef8d4389a"
+    table = _CountingTable(
+        [
+            {"RowKey": "contoso", "TenantId": GUID},
+            {"RowKey": GUID, "TenantId": other},
+            {"RowKey": "twin-a", "TenantId": third},
+            {"RowKey": "twin-b", "TenantId": third},
+        ]
+    )
+    registry = TenantRegistry(lambda: table)  # type: ignore[arg-type,return-value]
+    assert registry.resolve(GUID).name == "contoso"
+    assert registry.resolve("contoso").tenant_id == GUID
+    for ref in (other, third, "twin-a"):
+        with pytest.raises(UnknownTenant):
+            registry.resolve(ref)
+    refused = registry.refused_rows()
+    assert len(refused) == 3
+    assert any(GUID in line and "looks like a GUID" in line for line in refused)
+    assert [t.name for t in registry.all()] == ["contoso"]
+
+
+def test_adding_a_name_already_registered_for_another_guid_is_refused(azurite: str) -> None:
+    """Re-pointing a name would hand its grants to another tenant: remove it first."""
+    account = StorageAccount(StorageSettings(Secret(azurite), None, "t" + uuid.uuid4().hex[:10]))
+    registry = TenantRegistry(lambda: account.table("tenants"))
+    registry.add("contoso", GUID)
+    registry.add("contoso", GUID.upper())  # the same tenant again is fine
+    with pytest.raises(ValueError, match="already registered with tenant"):
+        registry.add("contoso", "7bba76b9-53c1-55af-9962-622c29d6e128")
+    assert registry.resolve("contoso").tenant_id == GUID

@@ -1,0 +1,219 @@
+"""Trust boundaries, attacked as an outsider would: each test reproduces one hole found by attacking the
+broker on loopback (cross-tenant, cross-site, bad input) through real HTTP, and shows it closed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import DEFENDER, ROOT, BrokerServer, broker_environment, decode_claims, start_broker
+from entra_callers import Identity, bearer, grant, new_identity, policy, start_entra_broker, token_for
+
+from sandbox.azurite import start_azurite
+from sandbox.server import Sandbox
+
+
+def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m broker ARGS`` in its own process, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def cli_env(box: Sandbox, azurite: str, broker: BrokerServer) -> dict[str, str]:
+    """The CLI's settings: the same storage (prefix included) as the running broker's."""
+    return {**broker_environment(box, azurite), "STORAGE_PREFIX": broker.container.storage.prefix}
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# -- 1. names and GUIDs never confused ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def victim(sandbox: Sandbox) -> Any:
+    """A consented customer tenant nobody is granted."""
+    return sandbox.directory.add_customer_tenant(f"victim{time.monotonic_ns()}")
+
+
+def test_a_guid_shaped_name_cannot_borrow_another_tenants_grant(
+    sandbox: Sandbox, azurite: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row naming the victim tenant by fabrikam's GUID gives a caller granted fabrikam's GUID nothing of
+    the victim's; the row is reported at load, and the CLI refuses to write such a name."""
+    fabrikam = sandbox.directory.tenant("fabrikam")
+    assert fabrikam is not None
+    caller = new_identity(sandbox, "guid-grant")
+    broker = start_entra_broker(sandbox, azurite, policy(grant(caller, [fabrikam.tenant_id])))
+    victim = sandbox.directory.add_customer_tenant(f"victim{time.monotonic_ns()}")  # registered only as below
+    try:
+        # The row `tenants add <fabrikam's GUID> <victim GUID>` wrote before names were kept apart.
+        broker.container.storage.table("tenants").upsert_entity(
+            {"PartitionKey": "tenant", "RowKey": fabrikam.tenant_id, "TenantId": victim.tenant_id, "Enabled": True}
+        )
+        with caplog.at_level(logging.ERROR, logger="broker.tenants"):
+            broker.container.tenants.all()  # a reload, as every instance does within 10 s
+
+        headers = bearer(token_for(sandbox, caller))
+        stolen = broker.token(victim.tenant_id, headers=headers)
+        assert stolen.status_code == 403, stolen.text
+        reported = [r.getMessage() for r in caplog.records if "row_refused" in r.getMessage()]
+        assert any(fabrikam.tenant_id in line and "GUID" in line for line in reported), reported
+        own = broker.token(fabrikam.tenant_id, headers=headers)
+        assert own.status_code == 200, own.text
+        assert decode_claims(own.json()["access_token"])["tid"] == fabrikam.tenant_id
+
+        env = cli_env(sandbox, azurite, broker)
+        listed = cli(["tenants", "list"], env)
+        assert fabrikam.tenant_id in listed.stderr, listed.stderr
+        other = str(uuid.uuid4())
+        for name in (other, other.replace("-", ""), other.upper()):
+            added = cli(["tenants", "add", name, str(uuid.uuid4())], env)
+            assert added.returncode == 2, added.stdout
+            assert "looks like a GUID" in added.stderr
+    finally:
+        broker.stop()
+
+
+def test_admin_routes_refuse_a_guid_shaped_name(sandbox: Sandbox, broker: BrokerServer) -> None:
+    """A GUID spelled without hyphens (or in braces) is neither a GUID nor a name: 400 invalid_tenant."""
+    guid = str(uuid.uuid4())
+    for ref in (guid.replace("-", ""), "{" + guid + "}"):
+        response = broker.client.post(f"/api/admin/tenants/{ref}/disable", json={})
+        assert response.status_code == 400, response.text
+        assert _problem(response)["code"] == "invalid_tenant"
+
+
+# -- 4. one wording for "not granted" ---------------------------------------------------------------
+
+
+def test_not_granted_reads_the_same_whether_or_not_the_tenant_exists(
+    sandbox: Sandbox, azurite: str, victim: Any
+) -> None:
+    """A caller granted contoso probes other tenants by name and GUID, registered or not: every answer is
+    the same 403 with the same words, and none names a tenant."""
+    caller = new_identity(sandbox, "probe")
+    broker = start_entra_broker(sandbox, azurite, policy(grant(caller, ["contoso"])))
+    try:
+        fabrikam = sandbox.directory.tenant("fabrikam")
+        assert fabrikam is not None
+        headers = bearer(token_for(sandbox, caller))
+        probes = [fabrikam.tenant_id, "fabrikam", victim.tenant_id, str(uuid.uuid4()), "no-such-tenant"]
+        answers = []
+        for ref in probes:
+            response = broker.token(ref, headers=headers)
+            assert response.status_code == 403, (ref, response.text)
+            body = _problem(response)
+            for name in ("fabrikam", "victim", "northwind", fabrikam.tenant_id, victim.tenant_id):
+                assert name not in response.text.replace(ref, "<asked>"), (ref, response.text)
+            answers.append((body["code"], body["title"], body["detail"]))
+        assert len(set(answers)) == 1, answers
+        assert broker.token("contoso", headers=headers).status_code == 200
+    finally:
+        broker.stop()
+
+
+# -- 7. app-only callers recognised positively ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_caller(sandbox: Sandbox) -> Identity:
+    return new_identity(sandbox, "by-app-id")
+
+
+@pytest.fixture(scope="module")
+def app_broker(sandbox: Sandbox, azurite: str, app_caller: Identity) -> Iterator[BrokerServer]:
+    """A broker whose only policy entry is keyed by ``app_caller``'s application ID."""
+    entry = {"name": "by-app", "app_id": app_caller.app_id, "tenants": ["contoso"], "scopes": [DEFENDER]}
+    broker = start_entra_broker(sandbox, azurite, policy(entry))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def test_a_token_that_is_not_app_only_gets_nothing_from_its_applications_grant(
+    sandbox: Sandbox, app_broker: BrokerServer, app_caller: Identity
+) -> None:
+    """A token carrying the application's ``azp`` but neither ``scp`` nor ``idtyp``, whose ``oid`` is not
+    its ``sub`` (someone other than the application), is refused; the application's own token works."""
+    own = app_broker.token("contoso", headers=bearer(token_for(sandbox, app_caller)))
+    assert own.status_code == 200, own.text
+    someone = str(uuid.uuid4())
+    borrowed = token_for(sandbox, app_caller, idtyp=None, oid=someone, sub="l3_roISQU222bULS9yi2k0XpqpOiMz5H3ZACo1GeXA")
+    response = app_broker.token("contoso", headers=bearer(borrowed))
+    assert response.status_code == 401, response.text
+    assert _problem(response)["code"] == "unauthenticated"
+
+
+@pytest.mark.parametrize(
+    ("claims", "accepted"),
+    [
+        ({"idtyp": "app"}, True),
+        ({"idtyp": None}, True),  # optional claim not configured: oid == sub decides
+        ({"idtyp": "user"}, False),
+        ({"idtyp": "app", "scp": "access_as_user"}, False),
+        ({"idtyp": None, "scp": "access_as_user"}, False),
+        ({"idtyp": None, "sub": None}, False),
+        ({"idtyp": "device"}, False),
+    ],
+)
+def test_app_only_is_recognised_by_microsofts_documented_claims(
+    sandbox: Sandbox, app_broker: BrokerServer, app_caller: Identity, claims: dict[str, Any], accepted: bool
+) -> None:
+    """``idtyp=app`` where present; otherwise no ``scp`` and ``oid`` equal to ``sub``."""
+    response = app_broker.token("contoso", headers=bearer(token_for(sandbox, app_caller, **claims)))
+    assert response.status_code == (200 if accepted else 401), response.text
+
+
+# -- 8. kill switches fail closed ---------------------------------------------------------------------
+
+
+def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
+    sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage goes away: the last switch snapshot serves for its documented staleness, then every request
+    is 503 ``kill_switches_stale`` (logged) instead of running on switches nobody can change."""
+    storage = start_azurite(tmp_path / "azurite")
+    broker = start_broker(sandbox, storage.connection_string, AUDIT_MODE="best_effort")
+    stopped = False
+    try:
+        for switches in (broker.container.callers, broker.container.tenants):
+            switches.refresh_seconds = 0.2
+            switches.max_stale_seconds = 1.0
+        time.sleep(0.3)
+        assert broker.token("contoso").status_code == 200  # both snapshots re-read just now
+        storage.stop()
+        stopped = True
+        assert broker.token("contoso").status_code == 200  # within the staleness: the last snapshot holds
+        time.sleep(1.5)
+        with caplog.at_level(logging.WARNING):
+            response = broker.token("contoso")
+        assert response.status_code == 503, response.text
+        body = _problem(response)
+        assert body["code"] == "kill_switches_stale"
+        assert int(response.headers["Retry-After"]) >= 1
+        assert any("outcome=stale_refused" in r.getMessage() for r in caplog.records)
+    finally:
+        broker.stop()
+        if not stopped:
+            storage.stop()
