@@ -163,8 +163,18 @@ class PartitionSnapshot(Generic[T]):
             if self._value is not None and now < self._retry_at:
                 return self._within_staleness(now)
             try:
-                entities = list(self._table().query_entities("PartitionKey eq @pk", parameters={"pk": self._partition}))
+                # One quick retry, not the SDK's default of three with growing back-off (~5 s): a request
+                # is waiting, and a failed read is tried again RETRY_FAILED_RELOAD_SECONDS later anyway.
+                entities = list(
+                    self._table().query_entities(
+                        "PartitionKey eq @pk",
+                        parameters={"pk": self._partition},
+                        retry_total=1,
+                        retry_backoff_factor=0.2,
+                    )
+                )
             except AzureError as exc:
+                now = self._clock()
                 self._retry_at = now + RETRY_FAILED_RELOAD_SECONDS
                 if self._value is None:
                     raise UpstreamUnavailable(

@@ -195,17 +195,17 @@ def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
     is 503 ``kill_switches_stale`` (logged) instead of running on switches nobody can change."""
     storage = start_azurite(tmp_path / "azurite")
     broker = start_broker(sandbox, storage.connection_string, AUDIT_MODE="best_effort")
-    stopped = False
     try:
         for switches in (broker.container.callers, broker.container.tenants):
             switches.refresh_seconds = 0.2
-            switches.max_stale_seconds = 1.0
+            switches.max_stale_seconds = 3.0
         time.sleep(0.3)
         assert broker.token("contoso").status_code == 200  # both snapshots re-read just now
-        storage.stop()
-        stopped = True
+        read_at = time.monotonic()
+        storage.process.kill()  # the outage begins at once (a graceful stop keeps serving a while)
+        storage.process.wait(timeout=10)
         assert broker.token("contoso").status_code == 200  # within the staleness: the last snapshot holds
-        time.sleep(1.5)
+        time.sleep(max(0.0, read_at + 3.5 - time.monotonic()))
         with caplog.at_level(logging.WARNING):
             response = broker.token("contoso")
         assert response.status_code == 503, response.text
@@ -215,5 +215,4 @@ def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
         assert any("outcome=stale_refused" in r.getMessage() for r in caplog.records)
     finally:
         broker.stop()
-        if not stopped:
-            storage.stop()
+        storage.stop()
