@@ -122,7 +122,7 @@ class Policy:
         """Parse and validate ``CALLER_POLICY``; an empty text is the empty (deny-all) policy."""
         return _parse(text, frozenset(allowed_scopes))
 
-    def grants_for(self, object_id: str, app_id: str | None, *, app_only: bool = True) -> list[Grant]:
+    def grants_for(self, object_id: str, app_id: str | None, *, app_only: bool) -> list[Grant]:
         """The entries naming this caller: by object id, and by app id only for an app-only token."""
         found = list(self._by_object.get(object_id, ()))
         if app_only and app_id:
@@ -139,7 +139,7 @@ class Policy:
         tenant_name: str = "",
         tenant_id: str = "",
         scope: str | None = None,
-        app_only: bool = True,
+        app_only: bool,
     ) -> Decision:
         """Deny by default: the role for ``action`` and a grant naming the caller must both allow it."""
         if self.allows_everything:
@@ -158,7 +158,7 @@ class Policy:
             return Decision(False, "scope_not_granted")
         return Decision(True, "allowed")
 
-    def sees_all_tenants(self, object_id: str, app_id: str | None, *, app_only: bool = True) -> bool:
+    def sees_all_tenants(self, object_id: str, app_id: str | None, *, app_only: bool) -> bool:
         """Whether telling this caller that a tenant does not exist reveals nothing it could not ask for."""
         return self.allows_everything or any(
             g.all_tenants for g in self.grants_for(object_id, app_id, app_only=app_only)

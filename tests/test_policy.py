@@ -27,7 +27,13 @@ GUID = "11111111-2222-3333-4444-555555555555"
 def test_empty_policy_denies_everyone() -> None:
     """No entry, no access: deny by default."""
     decision = Policy.parse("", SCOPES).decide(
-        object_id=GUID, app_id=None, roles=frozenset(ALL_ROLES), action="token", tenant_name="contoso", scope=DEFENDER
+        object_id=GUID,
+        app_id=None,
+        roles=frozenset(ALL_ROLES),
+        action="token",
+        tenant_name="contoso",
+        scope=DEFENDER,
+        app_only=True,
     )
     assert not decision.allowed
     assert decision.reason == "no_policy_entry"
@@ -50,10 +56,22 @@ def test_groups_names_and_star_are_expanded() -> None:
     def allowed(principal: str, tenant: str, scope: str = DEFENDER) -> bool:
         return (
             p.decide(
-                object_id="0" * 8, app_id=principal, roles=roles, action="token", tenant_name=tenant, scope=scope
+                object_id="0" * 8,
+                app_id=principal,
+                roles=roles,
+                action="token",
+                tenant_name=tenant,
+                scope=scope,
+                app_only=True,
             ).allowed
             or p.decide(
-                object_id=principal, app_id=None, roles=roles, action="token", tenant_name=tenant, scope=scope
+                object_id=principal,
+                app_id=None,
+                roles=roles,
+                action="token",
+                tenant_name=tenant,
+                scope=scope,
+                app_only=True,
             ).allowed
         )
 
@@ -61,7 +79,7 @@ def test_groups_names_and_star_are_expanded() -> None:
     assert not allowed(GUID, "northwind")
     assert not allowed(GUID, "contoso", GRAPH)
     assert allowed(GUID.replace("1", "9"), "anything", GRAPH)
-    assert p.decide(object_id=GUID, app_id=None, roles=roles, action="admin").reason == "not_admin"
+    assert p.decide(object_id=GUID, app_id=None, roles=roles, action="admin", app_only=True).reason == "not_admin"
 
 
 def test_role_is_a_precondition() -> None:
@@ -69,7 +87,9 @@ def test_role_is_a_precondition() -> None:
     p = Policy.parse(
         json.dumps({"callers": [{"name": "a", "object_id": GUID, "tenants": ["*"], "scopes": ["*"]}]}), SCOPES
     )
-    decision = p.decide(object_id=GUID, app_id=None, roles=frozenset(), action="token", tenant_name="x", scope=DEFENDER)
+    decision = p.decide(
+        object_id=GUID, app_id=None, roles=frozenset(), action="token", tenant_name="x", scope=DEFENDER, app_only=True
+    )
     assert decision.reason == "role_missing"
 
 
@@ -274,7 +294,13 @@ def test_names_and_guids_are_separate_namespaces_in_grants() -> None:
 
     def allowed(name: str, tenant_id: str) -> bool:
         return p.decide(
-            object_id=GUID, app_id=None, roles=roles, action="token", tenant_name=name, tenant_id=tenant_id
+            object_id=GUID,
+            app_id=None,
+            roles=roles,
+            action="token",
+            tenant_name=name,
+            tenant_id=tenant_id,
+            app_only=True,
         ).allowed
 
     victim = "33333333-4444-5555-6666-777777777777"
