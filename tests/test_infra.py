@@ -681,3 +681,6 @@ def test_deploy_guide_ends_with_the_check_and_names_the_tool_versions() -> None:
     for minimum in ("1.23.4", "2.60.0"):
         assert minimum in deploy.split("## Tools", 1)[1].split("\n## ", 1)[0], minimum
         assert minimum in credentials, minimum
+    required = re.search(r"^requiredVersions:\n  azd: \"(.*)\"$", (ROOT / "azure.yaml").read_text(), re.M)
+    assert required, "azure.yaml does not make azd refuse a version older than the guide needs"
+    assert required.group(1) == ">= 1.23.4"
