@@ -22,6 +22,7 @@ from pycep import BicepParser
 
 from broker import settings as broker_settings
 from broker.clouds import CLOUDS
+from broker.policy import ROLE_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -581,8 +582,21 @@ def test_caller_policy_and_extra_settings_come_from_the_azd_environment() -> Non
     assert app_settings["CALLER_AUTH"] == "entra"  # the template's own settings win over extras
     settings = broker_settings.Settings.from_environ(app_settings)
     assert settings.caller_rate_per_minute == 1200
-    grants = settings.caller_policy.grants_for("some-object-id", GUID)
-    assert [sorted(g.tenants) for g in grants] == [["contoso", "fabrikam"]]
+
+    def decide(tenant: str) -> bool:
+        return settings.caller_policy.decide(
+            object_id="00000000-0000-4000-8000-0000000000aa",
+            app_id=GUID,
+            roles=frozenset({ROLE_TOKEN}),
+            action="token",
+            tenant_name=tenant,
+            tenant_id="00000000-0000-4000-8000-0000000000bb",
+            scope="https://api.security.microsoft.com/.default",
+            app_only=True,
+        ).allowed
+
+    assert decide("fabrikam")  # through the group the pasted policy defines
+    assert not decide("northwind")
 
 
 def test_without_a_caller_policy_the_deployment_denies_everyone() -> None:
@@ -590,7 +604,11 @@ def test_without_a_caller_policy_the_deployment_denies_everyone() -> None:
     params, app_settings = provision(AZD_ENV)
     assert params["callerPolicy"] == {}
     assert app_settings["CALLER_POLICY"] == ""
-    assert broker_settings.Settings.from_environ(app_settings).caller_policy.grants_for(GUID, GUID) == []
+    policy = broker_settings.Settings.from_environ(app_settings).caller_policy
+    decision = policy.decide(
+        object_id=GUID, app_id=GUID, roles=frozenset({ROLE_TOKEN}), action="token", tenant_name="contoso", app_only=True
+    )
+    assert decision.reason == "no_policy_entry"
 
 
 def test_every_provision_renders_the_same_settings_from_the_azd_environment() -> None:
