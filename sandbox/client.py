@@ -49,9 +49,9 @@ class ControlClient:
 
     @property
     def security(self) -> Any:
-        """The security-API stand-ins' control client (``sandbox.security_api.SecurityControlClient``)."""
+        """The security-API stand-ins' control client (``sandbox.security.control.SecurityControlClient``)."""
         if self._security is None:
-            from sandbox.security_api import SecurityControlClient
+            from sandbox.security.control import SecurityControlClient
 
             self._security = SecurityControlClient(self.control_url)
         return self._security

@@ -8,8 +8,8 @@ service    scheme  what
 entra      https   OIDC discovery, JWKS, token endpoint (``sandbox.entra``)
 kv         https   Key Vault secrets (``sandbox.keyvault``)
 mi         http    App Service managed-identity endpoint (``sandbox.managed_identity``)
-defender   https   Defender XDR incidents API (``sandbox.security_api``)
-graph      https   Graph security incidents API (``sandbox.security_api``)
+defender   https   Defender XDR incidents API (``sandbox.security``)
+graph      https   Graph security incidents API (``sandbox.security``)
 control    http    ``/_sandbox/...`` control plane (``sandbox.control``)
 ========== ======= ===========================================================
 
@@ -37,6 +37,8 @@ from sandbox.directory import DEFENDER_RESOURCE, GRAPH_RESOURCE, Directory
 from sandbox.entra import create_entra_app
 from sandbox.keyvault import create_keyvault_app
 from sandbox.managed_identity import MI_PATH, create_managed_identity_app
+from sandbox.security.control import security_control_routes
+from sandbox.security.world import IncidentWorld, create_defender_app, create_graph_app
 from sandbox.state import Recorder
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class Sandbox:
         if seed:
             self.directory.seed()
         self.identity_header = secrets.token_urlsafe(24)
-        self.incidents: Any = None
+        self.incidents = IncidentWorld()
         self.urls: dict[str, str] = {}
         self.ca: SandboxCA | None = None
         self._servers: list[_StandInServer] = []
@@ -197,21 +199,13 @@ class Sandbox:
             "kv": create_keyvault_app(d, r),
             "mi": create_managed_identity_app(d, r, self.identity_header),
         }
-        extra_routes: list[Any] = []
-        try:
-            from sandbox import security_api
-        except ImportError:  # the security-API stand-ins are optional for identity-only use
-            log.warning("sandbox.security_api not importable; Defender and Graph stand-ins are off")
-        else:
-            self.incidents = security_api.IncidentWorld()
-            verify = self._verify_for_cloud
-            apps["defender"] = security_api.create_defender_app(self.incidents, r, verify)
-            apps["graph"] = security_api.create_graph_app(self.incidents, r, verify)
-            extra_routes = list(security_api.security_control_routes(self.incidents))
-            if self.seeded:
-                for tenant in d.customer_tenants():
-                    self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)
-        apps["control"] = create_control_app(d, r, self.env, extra_routes)
+        verify = self._verify_for_cloud
+        apps["defender"] = create_defender_app(self.incidents, r, verify)
+        apps["graph"] = create_graph_app(self.incidents, r, verify)
+        if self.seeded:
+            for tenant in d.customer_tenants():
+                self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)
+        apps["control"] = create_control_app(d, r, self.env, security_control_routes(self.incidents))
         return apps
 
     def _verify_for_cloud(self, token: str, audience: Any) -> dict[str, Any]:

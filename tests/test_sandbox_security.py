@@ -21,7 +21,8 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 
-from sandbox.security_api import (
+from sandbox.security.control import SecurityControlClient, security_control_routes
+from sandbox.security.world import (
     DEFENDER_AUDIENCE,
     GRAPH_AUDIENCE,
     IncidentWorld,
@@ -30,7 +31,6 @@ from sandbox.security_api import (
     format_ticks,
     parse_timestamp,
 )
-from sandbox.security_control import SecurityControlClient, security_control_routes
 from sandbox.state import Fault, Recorder
 
 TENANT = "8a0e3b1c-5f2d-4c6e-9b7a-1d2e3f4a5b6c"

@@ -1681,13 +1681,3 @@ def create_graph_app(
             Route("/v1.0/security/incidents/{incident_id}", get_incident, methods=["GET"]),
         ]
     )
-
-
-def __getattr__(name: str) -> Any:
-    """``security_control_routes`` and ``SecurityControlClient`` live in :mod:`sandbox.security_control`;
-    they are importable from here too (lazily, as that module imports this one)."""
-    if name in ("security_control_routes", "SecurityControlClient"):
-        from sandbox import security_control
-
-        return getattr(security_control, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.security_api import IncidentWorld
+from sandbox.security.world import IncidentWorld
 
 PREFIX = "/_sandbox/security"
 
