@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from sandbox.control import PREFIX
+from sandbox.security.control import SecurityControlClient
 from sandbox.state import Fault
 
 
@@ -25,7 +26,7 @@ class ControlClient:
     def __init__(self, control_url: str, *, timeout: float = 10.0) -> None:
         self.control_url = control_url.rstrip("/")
         self._http = httpx.Client(base_url=self.control_url + PREFIX, trust_env=False, timeout=timeout)
-        self._security: Any = None
+        self._security: SecurityControlClient | None = None
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -37,9 +38,8 @@ class ControlClient:
 
     def close(self) -> None:
         self._http.close()
-        security = self._security
-        if security is not None and hasattr(security, "close"):
-            security.close()
+        if self._security is not None:
+            self._security.close()
 
     def __enter__(self) -> ControlClient:
         return self
@@ -48,11 +48,9 @@ class ControlClient:
         self.close()
 
     @property
-    def security(self) -> Any:
-        """The security-API stand-ins' control client (``sandbox.security.control.SecurityControlClient``)."""
+    def security(self) -> SecurityControlClient:
+        """The security-API stand-ins' control client."""
         if self._security is None:
-            from sandbox.security.control import SecurityControlClient
-
             self._security = SecurityControlClient(self.control_url)
         return self._security
 

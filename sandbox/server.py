@@ -37,8 +37,9 @@ from sandbox.directory import DEFENDER_RESOURCE, GRAPH_RESOURCE, Directory
 from sandbox.entra import create_entra_app
 from sandbox.keyvault import create_keyvault_app
 from sandbox.managed_identity import MI_PATH, create_managed_identity_app
+from sandbox.security.apis import create_defender_app, create_graph_app
 from sandbox.security.control import security_control_routes
-from sandbox.security.world import IncidentWorld, create_defender_app, create_graph_app
+from sandbox.security.world import IncidentWorld
 from sandbox.state import Recorder
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,10 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 
+from sandbox.security.apis import DEFENDER_AUDIENCE, GRAPH_AUDIENCE, create_defender_app, create_graph_app
 from sandbox.security.control import SecurityControlClient, security_control_routes
-from sandbox.security.world import (
-    DEFENDER_AUDIENCE,
-    GRAPH_AUDIENCE,
-    IncidentWorld,
-    create_defender_app,
-    create_graph_app,
-    format_ticks,
-    parse_timestamp,
-)
+from sandbox.security.timestamps import format_ticks, parse_timestamp
+from sandbox.security.world import IncidentWorld
 from sandbox.state import Fault, Recorder
 
 TENANT = "8a0e3b1c-5f2d-4c6e-9b7a-1d2e3f4a5b6c"
