@@ -1,4 +1,7 @@
-"""``python -m sandbox --state-dir DIR [--env-file FILE]``: run every stand-in in the foreground.
+"""``python -m sandbox --state-dir DIR [--env-file FILE] [--cloud CLOUD]``: run every stand-in in the foreground.
+
+``--cloud usgovernment`` (or ``china``) plays that cloud's shape: issuers, token-exchange audience and
+resource URIs of that cloud, and ``AZURE_CLOUD`` set to match in the settings written.
 
 Once all ports listen, the broker's settings (``Sandbox.env()`` plus ``SANDBOX_CONTROL_URL``) are written
 atomically as JSON to FILE and one summary line is printed. SIGINT or SIGTERM stops everything.
@@ -13,6 +16,7 @@ import signal
 import threading
 from pathlib import Path
 
+from sandbox.directory import CLOUD_SHAPES, Directory
 from sandbox.server import Sandbox
 
 
@@ -21,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, type=Path, help="where the CA files are written")
     parser.add_argument("--env-file", type=Path, help="write the settings as JSON here once listening")
     parser.add_argument("--no-seed", action="store_true", help="start without the demo tenants and apps")
+    parser.add_argument("--cloud", choices=sorted(CLOUD_SHAPES), default="public", help="the cloud to play")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    sandbox = Sandbox(args.state_dir, seed=not args.no_seed).start()
+    directory = Directory(cloud=args.cloud)
+    sandbox = Sandbox(args.state_dir, seed=not args.no_seed, directory=directory).start()
     try:
         env = {**sandbox.env(), "SANDBOX_CONTROL_URL": sandbox.control_url}
         if args.env_file:

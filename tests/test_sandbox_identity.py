@@ -518,10 +518,12 @@ def test_sandbox_start_stop_leaves_no_thread_behind(tmp_path: Path) -> None:
 
 
 def test_python_m_sandbox_writes_env_file_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """``python -m sandbox`` writes the settings once listening and exits cleanly on SIGTERM."""
+    """``python -m sandbox`` writes the settings once listening and exits cleanly on SIGTERM; ``--cloud``
+    plays a national cloud and says so in the settings."""
     env_file = tmp_path / "env.json"
+    state = str(tmp_path / "state")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--state-dir", str(tmp_path / "state"), "--env-file", str(env_file)],
+        [sys.executable, "-m", "sandbox", "--state-dir", state, "--env-file", str(env_file), "--cloud", "usgovernment"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -534,6 +536,7 @@ def test_python_m_sandbox_writes_env_file_and_stops_on_sigterm(tmp_path: Path) -
             assert time.monotonic() < deadline, "no env file"
             time.sleep(0.05)
         env = json.loads(env_file.read_text())
+        assert env["AZURE_CLOUD"] == "usgovernment"
         with ControlClient(env["SANDBOX_CONTROL_URL"]) as control:
             assert control.health()
             assert any(t["name"] == "northwind" for t in control.tenants())
