@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("name", help="short name: lowercase letters, digits, hyphens")
     add.add_argument("tenant_id", help="the customer's tenant GUID")
     add.add_argument("--api", choices=("defender", "graph"), default="defender", help="incident API to sync")
-    add.add_argument("--defender-url", default=None, help="regional Defender API host (https://eu.api.…)")
+    where = add.add_mutually_exclusive_group()
+    where.add_argument("--region", default=None, help="the tenant's Defender XDR region, one AZURE_CLOUD documents")
+    where.add_argument("--defender-url", default=None, help="its Defender XDR API URL (a documented host)")
     add.set_defaults(run=_tenants_add)
     link = tenants.add_parser("link", help="a new admin-consent link for a registered tenant")
     link.add_argument("name")
@@ -127,8 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _tenants_add(args: argparse.Namespace) -> int:
     c = _container()
-    tenant = c.tenants.add(args.name, args.tenant_id, api=args.api, defender_url=args.defender_url)
-    print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api} (pending consent)")
+    tenant = c.tenants.add(args.name, args.tenant_id, api=args.api, defender_url=args.defender_url, region=args.region)
+    host = tenant.defender_url or c.settings.defender_api_url or "-"
+    print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api} defender={host} (pending consent)")
     _print_link(c, tenant)
     return 0
 

@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from broker.clouds import CLOUDS, Cloud, EndpointRefused, check_defender
 from broker.errors import InvalidTenant, NotFound, UnknownTenant
 from broker.storage import PartitionSnapshot, SnapshotBacked
 
@@ -73,19 +73,17 @@ class Tenant:
             check_defender_url(self.defender_url)
 
 
-def check_defender_url(url: str) -> None:
-    """A regional Defender endpoint: https on a Microsoft security API host, nothing else in the URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if (
-        parts.scheme != "https"
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or "@" in parts.netloc
-        or not (host == "api.security.microsoft.com" or host.endswith(".security.microsoft.com"))
-    ):
-        raise ValueError("defender_url must be https://<region>.api.security.microsoft.com")
+def check_defender_url(url: str, cloud: Cloud | None = None) -> None:
+    """A tenant's Defender XDR API host: one ``cloud`` documents (any cloud, when None), or a loopback
+    stand-in; https, nothing else in the URL. Only this and a registry GUID ever shape a sync request."""
+    refusals: list[str] = []
+    for candidate in [cloud] if cloud is not None else list(CLOUDS.values()):
+        try:
+            check_defender(url, candidate)
+            return
+        except EndpointRefused as exc:
+            refusals.append(str(exc))
+    raise ValueError(f"defender_url: {refusals[0]}")
 
 
 def guid_shaped(text: str) -> bool:
@@ -144,10 +142,12 @@ class TenantRegistry(SnapshotBacked):
         self,
         table: Callable[[], TableClient],
         *,
+        cloud: Cloud = CLOUDS["public"],
         refresh_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
+        self.cloud = cloud
         self._snapshot: PartitionSnapshot[RegistryIndex] = PartitionSnapshot(
             table, PARTITION, _index, what="tenant registry", refresh_seconds=refresh_seconds, clock=clock
         )
@@ -183,6 +183,24 @@ class TenantRegistry(SnapshotBacked):
 
     # -- writes ------------------------------------------------------------------------------------
 
+    def regional_url(self, region: str | None, defender_url: str | None = None) -> str | None:
+        """The Defender host for ``region`` (a code the cloud documents) or ``defender_url`` (checked)."""
+        if region is not None and defender_url is not None:
+            raise ValueError("give a region or a Defender URL, not both")
+        if region is not None:
+            regions = self.cloud.defender_regions
+            if region.lower() not in regions:
+                listed = ", ".join(regions) or "none"
+                raise ValueError(
+                    f"region {region!r} is not a documented Defender XDR region of the {self.cloud.name} cloud "
+                    f"({listed})"
+                )
+            return self.cloud.region_url(region.lower())
+        if defender_url is not None:
+            defender_url = defender_url.rstrip("/")
+            check_defender_url(defender_url, self.cloud)
+        return defender_url
+
     def add(
         self,
         name: str,
@@ -190,12 +208,15 @@ class TenantRegistry(SnapshotBacked):
         *,
         api: IncidentApi = "defender",
         defender_url: str | None = None,
+        region: str | None = None,
     ) -> Tenant:
+        """Register a tenant (replacing a row of the same name); its Defender host is the cloud's default,
+        a documented ``region`` of the cloud, or an explicit ``defender_url`` the cloud documents."""
         tenant = Tenant(
             name=name.lower(),
             tenant_id=canonical_guid(tenant_id),
             api=api,
-            defender_url=defender_url,
+            defender_url=self.regional_url(region, defender_url),
             added_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         table = self._table()
@@ -215,6 +236,30 @@ class TenantRegistry(SnapshotBacked):
         table.upsert_entity(_to_entity(tenant), mode=UpdateMode.REPLACE)
         self._invalidate()
         return tenant
+
+    def configure(
+        self,
+        name: str,
+        tenant_id: str,
+        *,
+        api: IncidentApi = "defender",
+        defender_url: str | None = None,
+        region: str | None = None,
+    ) -> tuple[Tenant, bool]:
+        """Add a tenant, or change an existing one's incident API and Defender host (keeping its switch and
+        onboarding state); a name never moves to another GUID. Returns the tenant and whether it is new."""
+        guid = canonical_guid(tenant_id)
+        url = self.regional_url(region, defender_url)
+        try:
+            current = self.resolve(name)
+        except UnknownTenant:
+            return self.add(name, guid, api=api, defender_url=url), True
+        if current.name != name.lower() or current.tenant_id != guid:
+            raise ValueError(f"tenant {name!r} is registered with another GUID; remove it first")
+        updated = replace(current, api=api, defender_url=url)
+        self._table().upsert_entity(_to_entity(updated), mode=UpdateMode.REPLACE)
+        self._invalidate()
+        return updated, False
 
     def set_enabled(self, name: str, enabled: bool) -> Tenant:
         tenant = self.resolve(name)

@@ -157,7 +157,7 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
     authenticator = caller_authenticator(settings)
     if settings.caller_auth == "entra" and not settings.caller_policy.grants:
         log.warning("broker.start caller_policy=empty: every caller is refused until CALLER_POLICY grants access")
-    tenants = TenantRegistry(lambda: storage.table("tenants"))
+    tenants = TenantRegistry(lambda: storage.table("tenants"), cloud=settings.cloud)
     api = incident_api(settings, storage, issuer)
     container = Container(
         settings=settings,

@@ -137,3 +137,16 @@ def test_doctor_names_the_failing_step_and_its_fix_and_exits_1(sandbox: Sandbox,
     listed = run(["tenants", "list"], env).stdout
     assert " missing " in next(line for line in listed.splitlines() if line.startswith("unconsented "))
     assert " role_missing " in next(line for line in listed.splitlines() if line.startswith("roleless "))
+
+
+def test_tenants_add_with_a_region(sandbox: Sandbox, azurite: str) -> None:
+    """--region picks the cloud's documented regional Defender host; an undocumented region is refused."""
+    env = broker_environment(sandbox, azurite)
+    added = run(["tenants", "add", "eu-customer", str(uuid.uuid4()), "--region", "eu"], env)
+    assert added.returncode == 0, added.stderr
+    assert "defender=https://api-eu.security.microsoft.com" in added.stdout
+    refused = run(["tenants", "add", "mars-customer", str(uuid.uuid4()), "--region", "mars"], env)
+    assert refused.returncode == 2
+    assert "'mars' is not a documented Defender XDR region of the public cloud" in refused.stderr
+    both = run(["tenants", "add", "x", str(uuid.uuid4()), "--region", "eu", "--defender-url", "https://a.b"], env)
+    assert both.returncode == 2

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from broker.clouds import CLOUDS
 from broker.errors import InvalidTenant, UnknownTenant
 from broker.settings import Secret, StorageSettings
 from broker.storage import StorageAccount
@@ -177,3 +178,28 @@ def test_adding_a_name_already_registered_for_another_guid_is_refused(azurite: s
     with pytest.raises(ValueError, match="already registered with tenant"):
         registry.add("contoso", "7bba76b9-53c1-55af-9962-622c29d6e128")
     assert registry.resolve("contoso").tenant_id == GUID
+
+
+def test_a_region_maps_to_the_clouds_documented_host() -> None:
+    """Region codes are the public cloud's documented Defender XDR hosts; other clouds document none."""
+    public = TenantRegistry(lambda: None, cloud=CLOUDS["public"])  # type: ignore[arg-type,return-value]
+    assert public.regional_url("eu") == "https://api-eu.security.microsoft.com"
+    assert public.regional_url("UK") == "https://api-uk.security.microsoft.com"
+    assert public.regional_url("au") == "https://au.api.security.microsoft.com"
+    assert public.regional_url(None) is None
+    with pytest.raises(ValueError, match=r"'mars' is not a documented Defender XDR region of the public cloud \(us,"):
+        public.regional_url("mars")
+    gov = TenantRegistry(lambda: None, cloud=CLOUDS["usgovernment"])  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match=r"region of the usgovernment cloud \(none\)"):
+        gov.regional_url("eu")
+
+
+def test_an_explicit_defender_url_must_be_the_clouds_or_loopback() -> None:
+    """A tenant's Defender host is checked against the deployment's cloud; a loopback stand-in always passes."""
+    gov = TenantRegistry(lambda: None, cloud=CLOUDS["usgovernment"])  # type: ignore[arg-type,return-value]
+    assert gov.regional_url(None, "https://api-gov.security.microsoft.us/") == "https://api-gov.security.microsoft.us"
+    assert gov.regional_url(None, "https://localhost:8443") == "https://localhost:8443"
+    with pytest.raises(ValueError, match="not a documented Defender XDR API host of the usgovernment cloud"):
+        gov.regional_url(None, "https://api-eu.security.microsoft.com")
+    with pytest.raises(ValueError, match="not both"):
+        gov.regional_url("eu", "https://api-gov.security.microsoft.us")
