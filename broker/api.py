@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +43,7 @@ from broker.wiring import Container
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
+MAX_CLAIMS_LENGTH = 8192
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -54,6 +55,21 @@ class TokenRequest(BaseModel):
     tenant: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     scope: Annotated[StrictStr, Field(min_length=1, max_length=256)]
     min_ttl_seconds: Annotated[StrictInt, Field(ge=0, le=MAX_MIN_TTL)] = 0
+    claims: Annotated[StrictStr, Field(min_length=2, max_length=MAX_CLAIMS_LENGTH)] | None = None
+
+    @field_validator("claims")
+    @classmethod
+    def _claims_object(cls, value: str | None) -> str | None:
+        """A claims challenge as a resource sent it (decoded): a JSON object, passed on to Entra ID."""
+        if value is None:
+            return None
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object (a decoded claims challenge)")
+        return value
 
 
 def problem_response(error: BrokerError, request_id: str) -> Response:
@@ -110,10 +126,12 @@ class AsyncSingleFlight:
     """
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[int, str, str, int], asyncio.Future[AccessToken]] = {}
+        self._pending: dict[tuple[int, str, str, int, str | None], asyncio.Future[AccessToken]] = {}
 
-    async def acquire(self, issuer: TokenIssuer, tenant_id: str, scope: str, min_ttl: int) -> AccessToken:
-        key = (id(issuer), tenant_id, scope, min_ttl)
+    async def acquire(
+        self, issuer: TokenIssuer, tenant_id: str, scope: str, min_ttl: int, claims: str | None = None
+    ) -> AccessToken:
+        key = (id(issuer), tenant_id, scope, min_ttl, claims)
         pending = self._pending.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -121,7 +139,7 @@ class AsyncSingleFlight:
         future.add_done_callback(_mark_retrieved)
         self._pending[key] = future
         try:
-            token = await run_in_threadpool(issuer.acquire, tenant_id, scope, min_ttl)
+            token = await run_in_threadpool(issuer.acquire, tenant_id, scope, min_ttl, claims)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -194,11 +212,12 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
             scope = summary["scope"] = body.scope
             granted = await access.authorize(c, request, body.tenant, "token", caller=caller, scope=body.scope)
             tenant = target = granted.tenant
-            token = c.issuer.cached(tenant.tenant_id, body.scope, body.min_ttl_seconds)
+            # A claims challenge means the resource refused the token held: never answer it from memory.
+            token = None if body.claims else c.issuer.cached(tenant.tenant_id, body.scope, body.min_ttl_seconds)
             summary["source"] = "memory"
             if token is None:
-                summary["source"] = "msal"
-                token = await flights.acquire(c.issuer, tenant.tenant_id, body.scope, body.min_ttl_seconds)
+                summary["source"] = "msal_claims" if body.claims else "msal"
+                token = await flights.acquire(c.issuer, tenant.tenant_id, body.scope, body.min_ttl_seconds, body.claims)
             summary["fp"] = token.fingerprint
             # Strict mode: the token leaves only once its audit record is stored.
             await access.audit(

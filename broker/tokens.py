@@ -172,20 +172,26 @@ class TokenIssuer:
             return token
         return None
 
-    def acquire(self, tenant_id: str, scope: str, min_ttl: int = 0) -> AccessToken:
-        """A checked token for ``tenant_id`` (a registry GUID) and ``scope``; may call Entra ID."""
-        token = self.cached(tenant_id, scope, min_ttl)
-        if token is not None:
-            return token
-        with self._flight(tenant_id, scope):
+    def acquire(self, tenant_id: str, scope: str, min_ttl: int = 0, claims: str | None = None) -> AccessToken:
+        """A checked token for ``tenant_id`` (a registry GUID) and ``scope``; may call Entra ID.
+
+        ``claims`` (a resource's claims challenge, a JSON object) skips every cache: MSAL sends it to Entra
+        ID as ``claims`` and the new token replaces the one held for (tenant, scope).
+        """
+        if claims is None:
             token = self.cached(tenant_id, scope, min_ttl)
             if token is not None:
                 return token
+        with self._flight(tenant_id, scope):
+            if claims is None:
+                token = self.cached(tenant_id, scope, min_ttl)
+                if token is not None:
+                    return token
             refused = self._refused.get(tenant_id)
             if refused is not None and refused[0] > self._clock():
                 raise refused[1]
             try:
-                token = self._acquire(tenant_id, scope, min_ttl)
+                token = self._acquire(tenant_id, scope, min_ttl, claims)
             except BrokerError as exc:
                 self._observe(tenant_id, exc)
                 raise
@@ -233,14 +239,14 @@ class TokenIssuer:
                 slot = self._slots.setdefault(tenant_id, _Slot())
         return slot
 
-    def _acquire(self, tenant_id: str, scope: str, min_ttl: int) -> AccessToken:
+    def _acquire(self, tenant_id: str, scope: str, min_ttl: int, claims: str | None) -> AccessToken:
         started = time.perf_counter()
         slot = self._slot(tenant_id)
         rotated = False
         forced = False
         while True:
             app = self._app(tenant_id, slot)
-            result = self._call(app, scope, tenant_id)
+            result = self._call(app, scope, tenant_id, claims)
             if "access_token" in result:
                 token = self._check(result, tenant_id, scope)
                 if token.expires_in(self._clock()) <= max(MSAL_REFRESH_MARGIN, min_ttl) and not forced:
@@ -254,10 +260,11 @@ class TokenIssuer:
                         retry_after=60,
                     )
                 log.info(
-                    "token.acquire tenant=%s scope=%s source=%s expires_in=%d duration_ms=%.1f",
+                    "token.acquire tenant=%s scope=%s source=%s claims=%s expires_in=%d duration_ms=%.1f",
                     tenant_id,
                     scope,
                     result.get("token_source", "identity_provider"),
+                    "yes" if claims else "no",
                     token.expires_in(self._clock()),
                     (time.perf_counter() - started) * 1000,
                 )
@@ -304,9 +311,12 @@ class TokenIssuer:
             slot.credential_version = credential.version
             return slot.app
 
-    def _call(self, app: msal.ConfidentialClientApplication, scope: str, tenant_id: str) -> dict[str, Any]:
+    def _call(
+        self, app: msal.ConfidentialClientApplication, scope: str, tenant_id: str, claims: str | None
+    ) -> dict[str, Any]:
         try:
-            result = app.acquire_token_for_client(scopes=[scope])
+            # With a claims challenge MSAL skips its cache and sends the claims to Entra ID.
+            result = app.acquire_token_for_client(scopes=[scope], claims_challenge=claims)
         except msal.exceptions.MsalServiceError as exc:
             status, retry_after = self._http.last()
             raise self._outage(status, retry_after, exc) from exc

@@ -32,7 +32,8 @@ Errors carry Entra's body (``error``, ``error_description`` with trace/correlati
 
 Counters: ``entra.discovery``, ``entra.jwks``, ``entra.token``, ``entra.adminconsent``, each also
 ``:<tenant GUID>``; accepted assertions by kind: ``entra.assertion:x5t#S256``, ``…:x5t#S256+x5c``,
-``…:x5t``, ``…:federated``.
+``…:x5t``, ``…:federated``; a token request carrying ``claims`` (a claims challenge) also counts as
+``entra.token.claims:<tenant GUID>``.
 """
 
 from __future__ import annotations
@@ -544,6 +545,8 @@ def create_entra_app(directory: Directory, recorder: Recorder) -> Any:
         form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
         tenant = directory.tenant(ref)
         recorder.hit("entra.token", tenant.tenant_id if tenant else None)
+        if form.get("claims") and tenant is not None:
+            recorder.hit(f"entra.token.claims:{tenant.tenant_id}")  # per tenant only: ``total`` counts requests
         urls = {str(request.url).split("?")[0]}
         if tenant is not None:
             urls.add(directory.token_endpoint(tenant.tenant_id))

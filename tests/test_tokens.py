@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import time
 import uuid
@@ -105,6 +106,20 @@ def test_min_ttl_forces_a_fresh_token(broker: BrokerServer, sandbox: Sandbox) ->
     fresh = broker.token(name, min_ttl_seconds=1200).json()
     assert fresh["access_token"] != short["access_token"]
     assert fresh["expires_in"] >= 1200
+    assert sandbox.recorder.count(f"entra.token:{tid}") == 2
+
+
+def test_a_claims_challenge_skips_the_caches_and_reaches_entra(broker: BrokerServer, sandbox: Sandbox) -> None:
+    """A request with ``claims`` (a resource's challenge) is answered by Entra ID, not from memory or MSAL's
+    cache; Entra gets the claims, and the new token is the one served afterwards."""
+    name, tid = new_tenant(sandbox, broker)
+    first = broker.token(name).json()
+    claims = json.dumps({"access_token": {"nbf": {"essential": True, "value": "1700000000"}}})
+    challenged = broker.token(name, claims=claims).json()
+    assert challenged["access_token"] != first["access_token"]
+    assert sandbox.recorder.count(f"entra.token:{tid}") == 2
+    assert sandbox.recorder.count(f"entra.token.claims:{tid}") == 1
+    assert broker.token(name).json()["access_token"] == challenged["access_token"]
     assert sandbox.recorder.count(f"entra.token:{tid}") == 2
 
 
@@ -366,6 +381,34 @@ BAD_BODIES: list[tuple[str, bytes | str, str, int, str]] = [
     ("form body", "tenant=contoso", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ("not utf-8", b'{"tenant": "\xff\xfe"}', "application/json", 400, "invalid_json"),
     ("one megabyte", b'{"tenant": "' + b"a" * (1024 * 1024) + b'"}', "application/json", 413, "payload_too_large"),
+    (
+        "claims not an object",
+        json.dumps({"tenant": "contoso", "scope": DEFENDER, "claims": "[1, 2]"}),
+        "application/json",
+        400,
+        "bad_request",
+    ),
+    (
+        "claims base64",
+        json.dumps({"tenant": "contoso", "scope": DEFENDER, "claims": "eyJhY2Nlc3NfdG9rZW4iOnt9fQ=="}),
+        "application/json",
+        400,
+        "bad_request",
+    ),
+    (
+        "claims as json",
+        json.dumps({"tenant": "contoso", "scope": DEFENDER, "claims": {"access_token": {}}}),
+        "application/json",
+        400,
+        "bad_request",
+    ),
+    (
+        "claims too long",
+        json.dumps({"tenant": "contoso", "scope": DEFENDER, "claims": json.dumps({"a": "x" * 8200})}),
+        "application/json",
+        400,
+        "bad_request",
+    ),
 ]
 
 
