@@ -202,6 +202,7 @@ def _graph_client(sandbox: Sandbox, credential: Any) -> tuple[GraphServiceClient
     return GraphServiceClient(request_adapter=adapter), http
 
 
+@pytest.mark.slow  # importing msgraph-sdk takes seconds
 def test_msgraph_sdk_lists_security_incidents_with_the_async_credential(
     sandbox: Sandbox, server: BrokerServer, caller: Identity
 ) -> None:
@@ -222,6 +223,7 @@ def test_msgraph_sdk_lists_security_incidents_with_the_async_credential(
     assert all(i.id for i in incidents)
 
 
+@pytest.mark.slow
 def test_a_claims_challenge_reaches_entra_and_the_retry_succeeds(
     sandbox: Sandbox, server: BrokerServer, caller: Identity
 ) -> None:

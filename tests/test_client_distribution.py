@@ -9,12 +9,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 CLIENT = ROOT / "client"
 ALLOWED_TOPS = {"requests", "partner_broker_client", *sys.stdlib_module_names}
 
 
+@pytest.mark.slow
 def test_pip_builds_the_client_wheel_from_its_folder(tmp_path: Path) -> None:
     """``pip wheel ./client`` gives a typed wheel whose only requirements are azure-core and requests."""
     subprocess.run(
