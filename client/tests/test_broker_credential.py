@@ -16,8 +16,7 @@ import partner_broker_client.aio
 import pytest
 from azure.core.credentials import AccessToken, AccessTokenInfo, SupportsTokenInfo, TokenCredential
 from azure.core.credentials_async import AsyncSupportsTokenInfo, AsyncTokenCredential
-from partner_broker_client import BrokerAuthenticationError
-from standin import (
+from broker_standin import (
     CALLER_TOKEN,
     SCOPE,
     TENANT_GUID,
@@ -27,6 +26,7 @@ from standin import (
     StandInBroker,
     problem,
 )
+from partner_broker_client import BrokerAuthenticationError
 
 BROKER_SCOPE = "api://broker/.default"
 CLAIMS = json.dumps({"access_token": {"nbf": {"essential": True, "value": "1700000000"}}})
