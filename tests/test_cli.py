@@ -94,6 +94,7 @@ def test_tenants_check_reports_consent_per_scope(sandbox: Sandbox, azurite: str)
     assert "adminconsent" in pending.stdout
 
 
+@pytest.mark.slow
 def test_doctor_passes_every_step_for_a_consented_tenant_and_marks_it_onboarded(sandbox: Sandbox, azurite: str) -> None:
     """registry, credential, token/tid/roles per scope and the $top=1 probe all pass; exit 0; list shows it."""
     env = broker_environment(sandbox, azurite)
@@ -112,6 +113,7 @@ def test_doctor_passes_every_step_for_a_consented_tenant_and_marks_it_onboarded(
     assert " granted " in row
 
 
+@pytest.mark.slow
 def test_doctor_names_the_failing_step_and_its_fix_and_exits_1(sandbox: Sandbox, azurite: str) -> None:
     """No consent: the token steps fail with the consent fix; a missing role fails the roles step."""
     env = broker_environment(sandbox, azurite)

@@ -207,6 +207,7 @@ def test_federated_mode_reads_no_secret_at_all(sandbox: Sandbox, azurite: str) -
     assert after.get(f"mi.token:{uami}", 0) - before.get(f"mi.token:{uami}", 0) == 1  # cached between uses
 
 
+@pytest.mark.slow
 def test_federated_assertion_is_refreshed_before_it_expires(sandbox: Sandbox, azurite: str) -> None:
     """An exchange token within five minutes of expiry is replaced before it is presented again."""
     d = sandbox.directory

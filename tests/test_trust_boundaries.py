@@ -188,6 +188,7 @@ def test_app_only_is_recognised_by_microsofts_documented_claims(
 # -- 8. kill switches fail closed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
     sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
