@@ -29,7 +29,7 @@ deps: $(VENV)/.installed node_modules/.installed
 
 ## Run the broker on 127.0.0.1:7071 (with Azurite and the sandbox unless real Azure is configured).
 run: deps
-	$(PY) -m devrun
+	$(PY) -m devrun $(ARGS)
 
 ## The whole test suite: unit, end-to-end through the sandbox and Azurite, Functions indexing.
 test: deps

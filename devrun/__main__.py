@@ -14,10 +14,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 from broker import wiring
+from broker.clouds import is_loopback_host
 from broker.settings import Settings, SettingsError, read_environment
 from sandbox.azurite import Azurite, port_is_free, start_azurite, wait_for_port
 from sandbox.server import Sandbox
@@ -46,15 +49,41 @@ def _print_banner(env: dict[str, str], sandboxed: bool, port: int) -> None:
     print("Ctrl-C stops everything.\n", flush=True)
 
 
+def unauthenticated_real_azure(configured: Mapping[str, str]) -> bool:
+    """Whether the settings ask for no caller authentication in front of a real app credential: a Key
+    Vault that is not a loopback stand-in, or federated mode (the credential is a real managed identity)."""
+    if configured.get("CALLER_AUTH", "").strip().lower() != "none":
+        return False
+    vault = urlsplit(configured.get("KEY_VAULT_URL", "")).hostname
+    real_vault = bool(vault) and not is_loopback_host(vault or "")
+    return real_vault or configured.get("CLIENT_CREDENTIAL_MODE", "").strip().lower() == "federated"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devrun", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=7071)
-    port: int = parser.parse_args(argv).port
+    parser.add_argument(
+        "--no-caller-auth-with-real-azure",
+        action="store_true",
+        help="serve CALLER_AUTH=none against the real credential configured: every process on this machine "
+        "(and every web page its browser opens) could then get customer tokens",
+    )
+    args = parser.parse_args(argv)
+    port: int = args.port
+    configured = read_environment(ROOT)
+    sandboxed = not configured.get("KEY_VAULT_URL") and configured.get("CLIENT_CREDENTIAL_MODE") != "federated"
+    if unauthenticated_real_azure(configured) and not args.no_caller_auth_with_real_azure:
+        print(
+            "refusing to serve CALLER_AUTH=none with a real app credential (a Key Vault off this machine, or "
+            "federated mode): callers would get real customers' tokens unchecked. Set CALLER_AUTH=entra, or "
+            "pass --no-caller-auth-with-real-azure (make run ARGS=--no-caller-auth-with-real-azure) if that "
+            "is what you mean.",
+            file=sys.stderr,
+        )
+        return 2
     if not port_is_free(port):
         print(f"port {port} is in use: stop whatever listens there first", file=sys.stderr)
         return 1
-    configured = read_environment(ROOT)
-    sandboxed = not configured.get("KEY_VAULT_URL") and configured.get("CLIENT_CREDENTIAL_MODE") != "federated"
     azurite: Azurite | None = None
     box: Sandbox | None = None
     broker: subprocess.Popen[bytes] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from conftest import DEFENDER, ROOT, BrokerServer, broker_environment, decode_claims, start_broker
 from entra_callers import Identity, bearer, grant, new_identity, policy, start_entra_broker, token_for
 
-from sandbox.azurite import start_azurite
+from sandbox.azurite import free_port, port_is_free, start_azurite, wait_for_port
 from sandbox.server import Sandbox
 
 
@@ -217,3 +218,51 @@ def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
     finally:
         broker.stop()
         storage.stop()
+
+
+# -- 2. development mode stays on this machine ---------------------------------------------------------
+
+
+def _devrun(env: dict[str, str], port: int, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "devrun", "--port", str(port), *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "real",
+    [
+        {"KEY_VAULT_URL": "https://contoso-broker.vault.azure.net"},
+        {"CLIENT_CREDENTIAL_MODE": "federated", "MANAGED_IDENTITY_CLIENT_ID": "11111111-2222-3333-4444-555555555555"},
+    ],
+)
+def test_make_run_refuses_no_caller_auth_in_front_of_a_real_credential(azurite: str, real: dict[str, str]) -> None:
+    """``make run`` with ``CALLER_AUTH=none`` and a real Key Vault (or a federated credential) serves nothing
+    unless told so explicitly with ``--no-caller-auth-with-real-azure``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "KEY_VAULT", "BROKER_", "CALLER_"))}
+    env.update({"CALLER_AUTH": "none", "BROKER_CLIENT_ID": str(uuid.uuid4()), "AzureWebJobsStorage": azurite, **real})
+    port = free_port()
+    refused = _devrun(env, port)
+    try:
+        out, err = refused.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        refused.send_signal(signal.SIGINT)
+        out, err = refused.communicate(timeout=30)
+        pytest.fail(f"make run served CALLER_AUTH=none in front of a real credential:\n{out}{err}")
+    assert refused.returncode == 2, out + err
+    assert "CALLER_AUTH=none" in err
+    assert "--no-caller-auth-with-real-azure" in err
+
+    told = _devrun(env, port, "--no-caller-auth-with-real-azure")
+    try:
+        wait_for_port(port, 60, None)
+    finally:
+        told.send_signal(signal.SIGINT)
+        out, err = told.communicate(timeout=60)
+    assert told.returncode == 0, out + err
+    assert port_is_free(port)
