@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from broker import access
 from broker.audit import parse_moment
-from broker.callers import normalize_principal
+from broker.callers import Caller, normalize_principal
+from broker.changes import RegistryChanges
 from broker.errors import BadRequest, BrokerError, UnknownTenant
 from broker.tenants import is_tenant_guid, normalize_reference
 from broker.wiring import Container
@@ -25,11 +26,18 @@ MAX_AUDIT_LIMIT = 1000
 MAX_AUDIT_DAYS = 93
 
 
+def _changes(c: Container) -> RegistryChanges:
+    return RegistryChanges(c.audit, c.tenants, c.callers)
+
+
 def admin_routes(container: Callable[[], Container]) -> APIRouter:
     router = APIRouter()
 
-    async def run(request: Request, what: str, work: Callable[[Container, Any], Any]) -> Any:
-        """Authorize an admin, do ``work`` in a thread, record it, log one summary line."""
+    async def run(request: Request, what: str, work: Callable[[Container, Any], Any], *, change: bool = False) -> Any:
+        """Authorize an admin, do ``work`` in a thread, record it, log one summary line.
+
+        A ``change`` records itself before it takes effect (``RegistryChanges``); a read is recorded after.
+        """
         started = time.perf_counter()
         summary = access.summary(request)
         summary.update({"outcome": "allowed", "code": "-", "caller": "-", "what": what})
@@ -38,9 +46,12 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
             c = container()
             caller = await access.require_admin(c, request)
             result = await run_in_threadpool(work, c, caller)
-            await access.audit(
-                c, request, action="admin", outcome="allowed", code="ok", reason=what, caller=caller, wait=True
-            )
+            if change:
+                request.state.audited = True
+            else:
+                await access.audit(
+                    c, request, action="admin", outcome="allowed", code="ok", reason=what, caller=caller, wait=True
+                )
             return result
         except BrokerError as exc:
             summary.update(outcome=access.outcome_of(exc), code=exc.code)
@@ -97,23 +108,23 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
 
-        def work(c: Container, caller: Any) -> dict[str, Any]:
-            switch = c.callers.set_enabled(target, enabled, by=caller.label)
+        def work(c: Container, caller: Caller) -> dict[str, Any]:
+            switch = _changes(c).set_caller_enabled(target, enabled, by=caller, request_id=access.request_id(request))
             return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
 
         verb = "enable" if enabled else "disable"
-        result: dict[str, Any] = await run(request, f"caller_{verb}:{target}", work)
+        result: dict[str, Any] = await run(request, f"caller_{verb}:{target}", work, change=True)
         return result
 
     async def switch_tenant(request: Request, name: str, enabled: bool) -> dict[str, Any]:
         ref = normalize_reference(name)
 
-        def work(c: Container, _caller: Any) -> dict[str, Any]:
-            tenant = c.tenants.set_enabled(ref, enabled)
+        def work(c: Container, caller: Caller) -> dict[str, Any]:
+            tenant = _changes(c).set_tenant_enabled(ref, enabled, by=caller, request_id=access.request_id(request))
             return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
 
         verb = "enable" if enabled else "disable"
-        result: dict[str, Any] = await run(request, f"tenant_{verb}:{ref}", work)
+        result: dict[str, Any] = await run(request, f"tenant_{verb}:{ref}", work, change=True)
         return result
 
     @router.post("/api/admin/callers/{principal}/disable")

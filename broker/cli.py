@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 
 from broker import wiring
-from broker.audit import AuditRecord
+from broker.changes import CLI_OPERATOR, RegistryChanges
 from broker.errors import BrokerError, NotConfigured
 from broker.health import TenantHealth
 from broker.settings import Settings, SettingsError
@@ -101,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # Let the audit writers finish (index rows included) before the process exits.
+        while _opened:
+            _opened.pop().close()
 
 
 def _configure_logging(*, verbose: bool) -> None:
@@ -111,9 +115,13 @@ def _configure_logging(*, verbose: bool) -> None:
     )
 
 
+_opened: list[wiring.Container] = []
+
+
 def _container(bind_host: str = _NO_LISTENER) -> wiring.Container:
     container = wiring.build(Settings.from_environ(), bind_host=bind_host)
     wiring.install(container)
+    _opened.append(container)
     return container
 
 
@@ -127,9 +135,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changes(c: wiring.Container) -> RegistryChanges:
+    return RegistryChanges(c.audit, c.tenants, c.callers)
+
+
 def _tenants_add(args: argparse.Namespace) -> int:
     c = _container()
-    tenant = c.tenants.add(args.name, args.tenant_id, api=args.api, defender_url=args.defender_url, region=args.region)
+    tenant = _changes(c).add_tenant(
+        args.name,
+        args.tenant_id,
+        api=args.api,
+        defender_url=args.defender_url,
+        region=args.region,
+        by=CLI_OPERATOR,
+    )
     host = tenant.defender_url or c.settings.defender_api_url or "-"
     print(f"registered {tenant.name} {tenant.tenant_id} api={tenant.api} defender={host} (pending consent)")
     _print_link(c, tenant)
@@ -198,14 +217,14 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _tenants_switch(args: argparse.Namespace) -> int:
-    tenant = _container().tenants.set_enabled(args.name, args.enabled)
+    tenant = _changes(_container()).set_tenant_enabled(args.name, args.enabled, by=CLI_OPERATOR)
     print(f"{tenant.name} {'enabled' if tenant.enabled else 'disabled'}")
     return 0
 
 
 def _tenants_remove(args: argparse.Namespace) -> int:
-    _container().tenants.remove(args.name)
-    print(f"removed {args.name}")
+    tenant = _changes(_container()).remove_tenant(args.name, by=CLI_OPERATOR)
+    print(f"removed {tenant.name} {tenant.tenant_id}")
     return 0
 
 
@@ -229,13 +248,7 @@ def _tenants_check(args: argparse.Namespace) -> int:
 
 def _callers_switch(args: argparse.Namespace) -> int:
     c = _container()
-    switch = c.callers.set_enabled(args.id, args.enabled, by="cli")
-    verb = "enable" if args.enabled else "disable"
-    c.audit.record_sync(
-        AuditRecord(
-            action="admin", outcome="allowed", code="ok", reason=f"caller_{verb}:{switch.principal}", caller="cli"
-        )
-    )
+    switch = _changes(c).set_caller_enabled(args.id, args.enabled, by=CLI_OPERATOR)
     print(
         f"{switch.principal} {'enabled' if switch.enabled else 'disabled'} (every instance within {c.callers.refresh_seconds:.0f} s)"
     )

@@ -3,8 +3,10 @@ broker on loopback (cross-tenant, cross-site, bad input) through real HTTP, and 
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +18,17 @@ from typing import Any
 
 import httpx
 import pytest
+from azure.data.tables import TableClient
 from conftest import DEFENDER, ROOT, BrokerServer, broker_environment, decode_claims, start_broker
 from entra_callers import Identity, bearer, grant, new_identity, policy, start_entra_broker, token_for
 
+from broker.audit import AuditLog
+from broker.callers import CallerSwitches
+from broker.changes import CLI_OPERATOR, RegistryChanges
+from broker.errors import AuditUnavailable
+from broker.settings import Secret, StorageSettings
+from broker.storage import StorageAccount
+from broker.tenants import TenantRegistry
 from sandbox.azurite import free_port, port_is_free, start_azurite, wait_for_port
 from sandbox.server import Sandbox
 
@@ -266,3 +276,85 @@ def test_make_run_refuses_no_caller_auth_in_front_of_a_real_credential(azurite: 
         out, err = told.communicate(timeout=60)
     assert told.returncode == 0, out + err
     assert port_is_free(port)
+
+
+# -- 6. every registry and switch change audited first ----------------------------------------------
+
+
+def refusing_audit(connection_string: str) -> AuditLog:
+    """An audit log whose storage refuses every write: a wrong account key, which Azurite answers with 403."""
+    wrong = re.sub(
+        r"AccountKey=[^;]+", "AccountKey=" + base64.b64encode(b"not the key" * 6).decode(), connection_string
+    )
+    return AuditLog(lambda: TableClient.from_connection_string(wrong, table_name="refusedaudit"), write_timeout=5)
+
+
+def test_an_admin_change_the_audit_log_cannot_record_is_not_made(sandbox: Sandbox, azurite: str) -> None:
+    """With the audit log unwritable, disabling a tenant or a caller over HTTP answers 503 and changes
+    nothing (it used to disable first and fail to record afterwards)."""
+    broker = start_broker(sandbox, azurite)
+    try:
+        working, broker.container.audit = broker.container.audit, refusing_audit(azurite)
+        working.close()
+        response = broker.client.post("/api/admin/tenants/contoso/disable", json={})
+        assert response.status_code == 503, response.text
+        assert _problem(response)["code"] == "audit_unavailable"
+        assert {t.name: t.enabled for t in broker.container.tenants.all()}["contoso"] is True
+        caller = str(uuid.uuid4())
+        response = broker.client.post(f"/api/admin/callers/{caller}/disable", json={})
+        assert response.status_code == 503, response.text
+        assert caller not in {s.principal for s in broker.container.callers.all()}
+    finally:
+        broker.stop()
+
+
+def test_no_registry_or_switch_change_is_made_without_its_record(azurite: str) -> None:
+    """The one path the CLI and the admin API share: add, disable, remove and caller switches each refuse
+    with ``AuditUnavailable`` and leave storage as it was when the record cannot be written."""
+    account = StorageAccount(StorageSettings(Secret(azurite), None, "t" + uuid.uuid4().hex[:10]))
+    tenants = TenantRegistry(lambda: account.table("tenants"))
+    callers = CallerSwitches(lambda: account.table("callers"))
+    tenants.add("kept", str(uuid.uuid4()))
+    audit = refusing_audit(azurite)
+    changes = RegistryChanges(audit, tenants, callers)
+    attempts = [
+        lambda: changes.add_tenant("added", str(uuid.uuid4()), by=CLI_OPERATOR),
+        lambda: changes.set_tenant_enabled("kept", False, by=CLI_OPERATOR),
+        lambda: changes.remove_tenant("kept", by=CLI_OPERATOR),
+        lambda: changes.set_caller_enabled(str(uuid.uuid4()), False, by=CLI_OPERATOR),
+    ]
+    try:
+        for attempt in attempts:
+            with pytest.raises(AuditUnavailable):
+                attempt()
+    finally:
+        audit.close()
+    assert [(t.name, t.enabled) for t in tenants.all()] == [("kept", True)]
+    assert callers.all() == []
+
+
+def test_cli_changes_are_audited_with_the_operator_and_both_tenant_fields(
+    sandbox: Sandbox, azurite: str, broker: BrokerServer
+) -> None:
+    """``tenants add/disable/enable/remove`` and ``callers disable`` from the CLI each leave a record, found
+    by the tenant's GUID, naming the change and the operator (``cli``)."""
+    env = cli_env(sandbox, azurite, broker)
+    tenant_id = str(uuid.uuid4())
+    caller = str(uuid.uuid4())
+    for args in (
+        ["tenants", "add", "audited", tenant_id],
+        ["tenants", "disable", "audited"],
+        ["tenants", "enable", tenant_id],
+        ["tenants", "remove", "audited"],
+        ["callers", "disable", caller],
+    ):
+        done = cli(args, env)
+        assert done.returncode == 0, done.stderr
+    found = broker.client.get("/api/audit", params={"tenant": tenant_id})
+    assert found.status_code == 200, found.text
+    records = found.json()["records"]
+    changes = sorted(r["reason"] for r in records if r["caller"] == "cli")
+    assert changes == ["tenant_add", "tenant_disable", "tenant_enable", "tenant_remove"], records
+    assert {(r["tenant"], r["tenant_name"]) for r in records if r["caller"] == "cli"} == {(tenant_id, "audited")}
+    everything = broker.client.get("/api/audit", params={"limit": "1000"}).json()["records"]
+    assert f"caller_disable:{caller}" in {r["reason"] for r in everything if r["caller"] == "cli"}
