@@ -62,8 +62,8 @@ param incidentSyncSchedule string = '0 */5 * * * *'
 @description('Queue carrying one sync message per tenant.')
 param incidentSyncQueue string = 'incident-sync'
 
-@description('Upper bound of Flex Consumption instances.')
-@minValue(1)
+@description('Upper bound of Flex Consumption instances (the plan accepts 40 to 1000).')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
 

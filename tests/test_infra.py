@@ -416,6 +416,15 @@ def test_function_app_runs_python_311_on_flex_consumption_as_its_identity() -> N
     assert props["siteConfig"]["minTlsVersion"] == "1.2"
 
 
+def test_scale_parameters_stay_within_what_flex_consumption_accepts() -> None:
+    """Maximum instances 40..1000 and memory 512/2048/4096 MB ("Flex Consumption plan hosting", Considerations)."""
+    params = main_parameters()
+    bounds = {d["type"]: d["argument"] for d in params["maximumInstanceCount"]["decorators"]}
+    assert (bounds["min_value"], bounds["max_value"]) == (40, 1000)
+    memory = {d["type"]: d["argument"] for d in params["instanceMemoryMB"]["decorators"]}
+    assert sorted(memory["allowed"]) == [512, 2048, 4096]
+
+
 def test_no_site_property_or_app_setting_is_on_the_flex_consumption_deprecations_list() -> None:
     """Nothing the site sets (siteConfig included) or any app setting is on Microsoft's Flex list."""
     site = only_resource("Microsoft.Web/sites")
