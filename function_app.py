@@ -8,7 +8,7 @@ function itself is anonymous at the host (function keys would be a second, weake
 import azure.functions as func
 
 from broker import wiring
-from broker.api import create_app
+from broker.http.app import create_app
 
 app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS, function_name="broker_http")
 

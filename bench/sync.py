@@ -43,7 +43,7 @@ import httpx
 
 from broker import wiring
 from broker.errors import BrokerError
-from broker.incidents import MAX_DEQUEUE_COUNT, RunReport
+from broker.incidents.sync import MAX_DEQUEUE_COUNT, RunReport
 from broker.settings import Settings
 from broker.tenants import Tenant
 from sandbox.azurite import start_azurite

@@ -128,7 +128,7 @@ def _container(bind_host: str = _NO_LISTENER) -> wiring.Container:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from broker.api import create_app
+    from broker.http.app import create_app
 
     _container(args.host)
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)

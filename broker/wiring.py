@@ -19,14 +19,14 @@ from broker.audit import AuditLog
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
 from broker.clouds import is_loopback_host
 from broker.consent import ConsentLinks, ConsentStates
-from broker.defender import IncidentApiClient
 from broker.doctor import Doctor
 from broker.errors import NotConfigured
 from broker.health import HealthBook
-from broker.incidents import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
+from broker.incidents.budget import CallBudget
+from broker.incidents.sync import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
+from broker.incidents.upstream import IncidentApiClient
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
 from broker.policy import RateLimiter
-from broker.quota import CallBudget
 from broker.settings import Settings, SettingsError
 from broker.storage import StorageAccount
 from broker.tenants import TenantRegistry

@@ -24,7 +24,7 @@ import requests
 import uvicorn
 
 from broker import wiring
-from broker.api import create_app
+from broker.http.app import create_app
 from broker.settings import Settings
 from broker.wiring import Container
 from sandbox.azurite import start_azurite

@@ -11,9 +11,9 @@ import pytest
 import requests
 
 from broker import wiring
-from broker.defender import CallCounter, RetryPolicy, format_ticks, parse_ticks, throttle_seconds
 from broker.errors import IncidentApiError, SyncBudgetExhausted, UpstreamUnavailable
-from broker.quota import CallBudget
+from broker.incidents.budget import CallBudget
+from broker.incidents.upstream import CallCounter, RetryPolicy, format_ticks, parse_ticks, throttle_seconds
 from broker.settings import Settings
 from broker.storage import StorageAccount
 from broker.wiring import Container

@@ -18,9 +18,9 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 
 from broker import wiring
-from broker.defender import RetryPolicy, parse_ticks
 from broker.errors import RoleMissing, SyncInProgress, UpstreamUnavailable
-from broker.incidents import MAX_DEQUEUE_COUNT, IncidentSync, SyncState
+from broker.incidents.sync import MAX_DEQUEUE_COUNT, IncidentSync, SyncState
+from broker.incidents.upstream import RetryPolicy, parse_ticks
 from broker.settings import Settings
 from broker.tenants import Tenant
 from broker.wiring import Container
@@ -337,7 +337,7 @@ def test_the_timer_fans_out_one_base64_message_per_enabled_tenant(sandbox: Sandb
     container.tenants.set_enabled(b.name, False)
     queue_name = "q" + uuid.uuid4().hex[:12]
     sync: IncidentSync = container.incidents
-    from broker.incidents import base64_queue
+    from broker.incidents.sync import base64_queue
 
     sync._queue = lambda: base64_queue(container.storage, queue_name)
     assert sync.fan_out() == len([t for t in container.tenants.all() if t.enabled])
@@ -380,7 +380,7 @@ def test_http_lists_incidents_by_pages_and_filters(sandbox: Sandbox, served: Bro
     assert len(seen) == len(set(seen))
     times = [parse_ticks(d["lastUpdateTime"]) for d in truth(sandbox, tenant).values()]
     middle = sorted(times)[65]
-    since = __import__("broker.defender", fromlist=["format_ticks"]).format_ticks(middle)
+    since = __import__("broker.incidents.upstream", fromlist=["format_ticks"]).format_ticks(middle)
     r = served.client.get("/api/incidents", params={"tenant": tenant.tenant_id, "since": since, "limit": "100"})
     assert len(r.json()["value"]) == sum(1 for t in times if t >= middle)
     r = served.client.get("/api/incidents", params={"tenant": tenant.name, "status": "Resolved", "limit": "100"})

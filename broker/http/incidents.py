@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from broker import access
-from broker.defender import parse_ticks
 from broker.errors import BadRequest, BrokerError
-from broker.incidents import decode_cursor, encode_cursor
+from broker.http import access
+from broker.incidents.sync import decode_cursor, encode_cursor
+from broker.incidents.upstream import parse_ticks
 from broker.tenants import Tenant
 from broker.wiring import Container
 

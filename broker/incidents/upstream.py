@@ -2,7 +2,7 @@
 
 Both list incidents most recently updated first. The client asks for one *window* page at a time —
 ``lastUpdate ge LOW [and lastUpdate le HIGH]``, optionally with ``$skip`` — and leaves the paging strategy
-to :mod:`broker.incidents` (which explains why it builds its own next request instead of trusting a
+to :mod:`broker.incidents.sync` (which explains why it builds its own next request instead of trusting a
 ``$skip``-based ``@odata.nextLink``).
 
 What goes out: only a token for a tenant GUID from the registry (``TokenIssuer.acquire``, the same cache
@@ -11,7 +11,7 @@ only when it points at the very endpoint we called (same scheme, host, port and 
 broken response cannot make us send a customer's token elsewhere. Incident ids from responses are checked
 (digits only) before they go into a path.
 
-Every request first takes a call from the tenant's :class:`~broker.quota.CallBudget`. Retries are for
+Every request first takes a call from the tenant's :class:`~broker.incidents.budget.CallBudget`. Retries are for
 these idempotent GETs only: connection errors, timeouts and 5xx, with full jitter, a cap, and
 ``Retry-After`` honoured; a 429 blocks the tenant's budget for the reset time — ``Retry-After`` or the
 window in Defender's body ("maximum allowed 50 per 00:01:00") — and is waited out in-process only when
@@ -35,7 +35,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from broker.errors import IncidentApiError, RoleMissing, UpstreamThrottled, UpstreamUnavailable
-from broker.quota import CallBudget
+from broker.incidents.budget import CallBudget
 from broker.settings import DEFENDER_SCOPE, GRAPH_SCOPE
 from broker.tenants import Tenant
 from broker.tokens import TokenIssuer

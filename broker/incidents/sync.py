@@ -56,7 +56,7 @@ Merged incidents (``redirectIncidentId``) are stored with ``MergedInto``; a targ
 new as its merge is fetched by id at the end of the run. A Graph incident whose ``tenantId`` is not the
 tenant being synced is refused: never stored, logged, counted in the status (``Refused``).
 
-Budget: every call takes a slot from the tenant's persisted :class:`~broker.quota.CallBudget`. When the
+Budget: every call takes a slot from the tenant's persisted :class:`~broker.incidents.budget.CallBudget`. When the
 budget (or a 429) needs a longer wait than the caller allows, the run stops at its last checkpoint with
 outcome ``deferred``; the queue handler re-enqueues the tenant with that delay.
 """
@@ -90,7 +90,14 @@ from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 from azure.storage.blob import BlobLeaseClient, ContainerClient, ContentSettings
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from broker.defender import (
+from broker.errors import (
+    BrokerError,
+    SyncBudgetExhausted,
+    SyncInProgress,
+    UpstreamThrottled,
+    UpstreamUnavailable,
+)
+from broker.incidents.upstream import (
     TICKS_PER_SECOND,
     CallCounter,
     Dialect,
@@ -98,13 +105,6 @@ from broker.defender import (
     format_ticks,
     now_ticks,
     parse_ticks,
-)
-from broker.errors import (
-    BrokerError,
-    SyncBudgetExhausted,
-    SyncInProgress,
-    UpstreamThrottled,
-    UpstreamUnavailable,
 )
 from broker.storage import StorageAccount
 from broker.tenants import Tenant, TenantRegistry

@@ -22,8 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker import access, wiring
-from broker.admin import admin_routes
+from broker import wiring
 from broker.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -35,7 +34,9 @@ from broker.errors import (
     ScopeNotAllowed,
     UnsupportedMediaType,
 )
-from broker.incidents_api import incidents_router
+from broker.http import access
+from broker.http.admin import admin_routes
+from broker.http.incidents import incidents_router
 from broker.tenants import Tenant
 from broker.tokens import MAX_MIN_TTL, AccessToken, TokenIssuer
 from broker.wiring import Container

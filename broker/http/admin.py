@@ -12,11 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from broker import access
 from broker.audit import parse_moment
 from broker.callers import Caller, normalize_principal
 from broker.changes import RegistryChanges
 from broker.errors import BadRequest, BrokerError, UnknownTenant
+from broker.http import access
 from broker.tenants import is_tenant_guid, normalize_reference
 from broker.wiring import Container
 
