@@ -23,7 +23,9 @@ from broker.doctor import Doctor
 from broker.errors import NotConfigured
 from broker.health import HealthBook
 from broker.incidents.budget import CallBudget
-from broker.incidents.sync import IncidentStore, IncidentSync, SyncStateTable, TenantLease, base64_queue
+from broker.incidents.checkpoint import SyncStateTable, TenantLease
+from broker.incidents.store import IncidentStore
+from broker.incidents.sync import IncidentSync, base64_queue
 from broker.incidents.upstream import IncidentApiClient
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
 from broker.policy import RateLimiter

@@ -19,8 +19,10 @@ from azure.storage.blob import BlobLeaseClient
 
 from broker import wiring
 from broker.errors import RoleMissing, SyncInProgress, UpstreamUnavailable
-from broker.incidents.sync import MAX_DEQUEUE_COUNT, IncidentSync, SyncState
-from broker.incidents.upstream import RetryPolicy, parse_ticks
+from broker.incidents.checkpoint import SyncState
+from broker.incidents.sync import MAX_DEQUEUE_COUNT, IncidentSync
+from broker.incidents.ticks import format_ticks, parse_ticks
+from broker.incidents.upstream import RetryPolicy
 from broker.settings import Settings
 from broker.tenants import Tenant
 from broker.wiring import Container
@@ -380,7 +382,7 @@ def test_http_lists_incidents_by_pages_and_filters(sandbox: Sandbox, served: Bro
     assert len(seen) == len(set(seen))
     times = [parse_ticks(d["lastUpdateTime"]) for d in truth(sandbox, tenant).values()]
     middle = sorted(times)[65]
-    since = __import__("broker.incidents.upstream", fromlist=["format_ticks"]).format_ticks(middle)
+    since = format_ticks(middle)
     r = served.client.get("/api/incidents", params={"tenant": tenant.tenant_id, "since": since, "limit": "100"})
     assert len(r.json()["value"]) == sum(1 for t in times if t >= middle)
     r = served.client.get("/api/incidents", params={"tenant": tenant.name, "status": "Resolved", "limit": "100"})

@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from broker.errors import BadRequest, BrokerError
 from broker.http import access
-from broker.incidents.sync import decode_cursor, encode_cursor
-from broker.incidents.upstream import parse_ticks
+from broker.incidents.cursors import decode_cursor, encode_cursor
+from broker.incidents.ticks import parse_ticks
 from broker.tenants import Tenant
 from broker.wiring import Container
 

@@ -1,24 +1,5 @@
-"""Incident prefetch: copy each tenant's incidents from Defender XDR or Graph into storage, exactly.
-
-Storage
--------
-One table, partitioned by tenant GUID, so no read ever scans another tenant:
-
-- ``t_{lastUpdate ticks:019}_{id}``: the incident as of that update - its JSON exactly as the API sent it
-  (parsed and re-serialised; ``json.loads`` of it equals the API's object), zlib-compressed (alerts with
-  ~30 null entity fields each compress about 8x, which is most of a page's storage cost) in 60 KB binary
-  chunks (``Body0`` ...), with status, severity and the merge target beside it for filtering. "Updated
-  since" is a range scan over these keys, paginated. A body still above 900 KB compressed (an entity holds
-  1 MB) goes, uncompressed, to a blob,
-  ``{tenant}/{id}/{ticks}.json``, and the row names it (``BlobName``): a 2 MB, 500-alert incident
-  round-trips byte for byte.
-- ``i_{id}``: which version is stored (``LastUpdate``), so an update can delete its old time row.
-
-A page's incidents are written in entity-group transactions (at most 100 operations or 4 MB each); each
-incident's new time row, id row and old-row delete sit in the same transaction, so a reader never sees an
-incident twice or not at all. Upsert is idempotent and de-duplicated by (incident id, last update): the
-page's time span is checked with one key-only range query, and only incidents not already stored at that
-version are written (a first backfill skips the id lookups: nothing can be stored yet).
+"""The incident sync: copy each tenant's incidents from Defender XDR or Graph into the store, exactly,
+one queue-triggered run per tenant.
 
 Paging over data that changes while we page
 -------------------------------------------
@@ -47,83 +28,47 @@ claims more than is stored: a run killed after page k resumes at page k's cursor
 then runs a fresh window from HIGH - overlap in the same run (so changes made meanwhile come too). A run
 with nothing new costs one call per tenant: the overlap window, which fits on one page.
 
-One run per tenant at a time: a run holds a 60-second blob lease on ``{tenant}`` (renewed every page)
-and writes the state entity only with ``If-Match`` on the ETag it read, so a second run is refused at the
-lease, and a run that lost its lease (stalled past 60 s) fails at its next checkpoint instead of
-overwriting newer progress.
+A run holds the tenant's lease and writes its checkpoint under an ETag (:mod:`broker.incidents.checkpoint`),
+so two runs never interleave their progress.
 
 Merged incidents (``redirectIncidentId``) are stored with ``MergedInto``; a target not stored at least as
 new as its merge is fetched by id at the end of the run. A Graph incident whose ``tenantId`` is not the
 tenant being synced is refused: never stored, logged, counted in the status (``Refused``).
 
-Budget: every call takes a slot from the tenant's persisted :class:`~broker.incidents.budget.CallBudget`. When the
-budget (or a 429) needs a longer wait than the caller allows, the run stops at its last checkpoint with
-outcome ``deferred``; the queue handler re-enqueues the tenant with that delay.
+Budget: every call takes a slot from the tenant's persisted :class:`~broker.incidents.budget.CallBudget`.
+When the budget (or a 429) needs a longer wait than the caller allows, the run stops at its last
+checkpoint with outcome ``deferred``; the queue handler re-enqueues the tenant with that delay.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import logging
-import re
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    AzureError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
-from azure.storage.blob import BlobLeaseClient, ContainerClient, ContentSettings
+from azure.core.exceptions import AzureError
+from azure.storage.blob import BlobLeaseClient
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from broker.errors import (
-    BrokerError,
-    SyncBudgetExhausted,
-    SyncInProgress,
-    UpstreamThrottled,
-    UpstreamUnavailable,
-)
-from broker.incidents.upstream import (
-    TICKS_PER_SECOND,
-    CallCounter,
-    Dialect,
-    IncidentApiClient,
-    format_ticks,
-    now_ticks,
-    parse_ticks,
-)
+from broker.errors import BrokerError, SyncBudgetExhausted, SyncInProgress, UpstreamThrottled
+from broker.incidents.checkpoint import SyncState, SyncStateTable, TenantLease
+from broker.incidents.dialects import Dialect
+from broker.incidents.records import IncidentRecord
+from broker.incidents.store import IncidentStore
+from broker.incidents.ticks import TICKS_PER_SECOND, format_ticks, now_ticks
+from broker.incidents.upstream import CallCounter, IncidentApiClient
 from broker.storage import StorageAccount
 from broker.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
 MAX_DEQUEUE_COUNT = 5  # host.json extensions.queues.maxDequeueCount (a test keeps them equal)
-LEASE_SECONDS = 60
-STATE_PARTITION = "sync"
 MAX_QUEUE_DELAY = 7 * 86_400
 MAX_TARGET_HOPS = 3
-_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
-_KEY = re.compile(r"^t_[0-9]{19}_[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
-OPS_PER_TRANSACTION = 99
-POOL_WORKERS = 8  # the storage SDK's connection pool holds 10
-CHUNK_BYTES = 60_000  # a binary property holds 64 KiB
-MAX_INLINE_BYTES = 15 * CHUNK_BYTES  # an entity holds 1 MiB; bigger bodies go to a blob
-MAX_TRANSACTION_BYTES = 3_500_000  # a transaction holds 4 MiB
-TRANSACTION_ATTEMPTS = 3
 _STATUS_FIELDS = (
     "LastOutcome",
     "LastError",
@@ -138,418 +83,6 @@ _STATUS_FIELDS = (
     "LastRunCalls",
     "LastRunAt",
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class IncidentRecord:
-    """An incident as received, with the keys the index needs."""
-
-    incident_id: str
-    last_update: int
-    status: str
-    severity: str
-    merged_into: str | None
-    body: bytes = field(repr=False)
-    packed: bytes = field(repr=False, default=b"")  # zlib of body: what a table row holds
-
-    @classmethod
-    def from_api(cls, doc: dict[str, Any], dialect: Dialect) -> IncidentRecord:
-        """Check and key one incident; ``ValueError`` if it lacks a usable id or update time."""
-        raw_id = doc.get(dialect.id_field)
-        incident_id = str(raw_id) if isinstance(raw_id, int | str) and not isinstance(raw_id, bool) else ""
-        if not _ID.fullmatch(incident_id):
-            raise ValueError("incident without a usable id")
-        stamp = doc.get(dialect.time_field)
-        if not isinstance(stamp, str):
-            raise ValueError(f"incident {incident_id} without {dialect.time_field}")
-        redirect = doc.get("redirectIncidentId")
-        return cls(
-            incident_id=incident_id,
-            last_update=parse_ticks(stamp),
-            status=str(doc.get("status") or "").lower(),
-            severity=str(doc.get("severity") or "").lower(),
-            merged_into=None if redirect in (None, "") else str(redirect),
-            body=(body := json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()),
-            packed=zlib.compress(body, 6),
-        )
-
-    @property
-    def time_key(self) -> str:
-        return time_key(self.last_update, self.incident_id)
-
-
-def time_key(ticks: int, incident_id: str) -> str:
-    return f"t_{ticks:019d}_{incident_id}"
-
-
-@dataclass(frozen=True)
-class StoredIncident:
-    """An index row and the incident's body."""
-
-    incident_id: str
-    last_update: str
-    status: str
-    severity: str
-    merged_into: str | None
-    api: str
-    key: str
-    document: Any
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Store
-
-
-class IncidentStore:
-    """Incidents in one table partition per tenant; bodies too big for an entity in blobs."""
-
-    def __init__(
-        self,
-        blobs: Callable[[], ContainerClient],
-        table: Callable[[], TableClient],
-        *,
-        pool: ThreadPoolExecutor | None = None,
-    ) -> None:
-        self._blobs = blobs
-        self._table = table
-        self._pool = pool or ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="incident-store")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
-
-    @staticmethod
-    def blob_name(tenant_id: str, record: IncidentRecord) -> str:
-        return f"{tenant_id}/{record.incident_id}/{record.last_update:019d}.json"
-
-    # -- writes ----------------------------------------------------------------------------------------
-
-    def stored_versions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, int]:
-        """The stored ``lastUpdate`` ticks of each of ``ids`` that is stored (parallel point reads)."""
-        table = self._table()
-
-        def read(incident_id: str) -> tuple[str, int | None]:
-            try:
-                entity = table.get_entity(tenant_id, f"i_{incident_id}", select=["LastUpdate"])
-            except ResourceNotFoundError:
-                return incident_id, None
-            return incident_id, int(str(entity["LastUpdate"]))
-
-        return {i: t for i, t in self._pool.map(read, ids) if t is not None}
-
-    def save(
-        self, tenant_id: str, api: str, records: Sequence[IncidentRecord], *, maybe_stored: bool = True
-    ) -> tuple[int, int]:
-        """Upsert ``records``; returns (written, unchanged). ``maybe_stored=False`` (a tenant's very first
-        window) skips looking for older versions, since there are none."""
-        latest: dict[str, IncidentRecord] = {}
-        for record in records:
-            kept = latest.get(record.incident_id)
-            if kept is None or record.last_update >= kept.last_update:
-                latest[record.incident_id] = record
-        if not latest:
-            return 0, len(records)
-        try:
-            table = self._table()
-            # 1. (id, lastUpdate) already stored? One key-only range query over the page's time span.
-            low = min(r.last_update for r in latest.values())
-            high = max(r.last_update for r in latest.values())
-            present = {
-                str(e["RowKey"])
-                for e in table.query_entities(
-                    "PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi",
-                    parameters={"pk": tenant_id, "lo": f"t_{low:019d}", "hi": f"t_{high:019d}_~"},
-                    select=["RowKey"],
-                )
-            }
-            fresh = [r for r in latest.values() if r.time_key not in present]
-            # 2. For the rest, the version stored before (if any), whose time row must go.
-            stored = self.stored_versions(tenant_id, [r.incident_id for r in fresh]) if maybe_stored else {}
-            changed = [r for r in fresh if r.last_update > stored.get(r.incident_id, -1)]
-            big = [r for r in changed if len(r.packed) > MAX_INLINE_BYTES]
-            if big:
-                container = self._blobs()
-                settings = ContentSettings(content_type="application/json")
-
-                def upload(record: IncidentRecord) -> None:
-                    container.upload_blob(
-                        self.blob_name(tenant_id, record), record.body, overwrite=True, content_settings=settings
-                    )
-
-                list(self._pool.map(upload, big))
-            self._index(table, tenant_id, api, changed, stored)
-        except AzureError as exc:
-            raise UpstreamUnavailable("incident storage failed", diagnostic=repr(exc), retry_after=10) from exc
-        return len(changed), len(records) - len(changed)
-
-    def _index(
-        self,
-        table: TableClient,
-        tenant_id: str,
-        api: str,
-        records: Sequence[IncidentRecord],
-        stored: dict[str, int],
-    ) -> None:
-        """Per incident, in one transaction: the new time row (with the body), the id row, the old time row
-        deleted. Transactions hold at most 100 operations and 4 MB."""
-        batch: list[tuple[str, dict[str, Any]]] = []
-        size = 0
-
-        def flush() -> None:
-            nonlocal size
-            if not batch:
-                return
-            try:
-                for attempt in range(TRANSACTION_ATTEMPTS):
-                    try:
-                        table.submit_transaction(batch)
-                        break
-                    except (ServiceRequestError, ServiceResponseError):
-                        # The connection dropped: the batch is idempotent (upserts; a replayed delete of
-                        # a row already gone fails the batch and lands in the per-row path below).
-                        if attempt + 1 == TRANSACTION_ATTEMPTS:
-                            raise
-                        time.sleep(0.2 * 2**attempt)
-            except TableTransactionError:
-                for kind, entity in batch:  # one at a time; a missing old row is not an error
-                    if kind == "delete":
-                        with contextlib.suppress(ResourceNotFoundError):
-                            table.delete_entity(entity["PartitionKey"], entity["RowKey"])
-                    else:
-                        table.upsert_entity(entity, mode=UpdateMode.REPLACE)
-            batch.clear()
-            size = 0
-
-        for record in records:
-            row: dict[str, Any] = {
-                "PartitionKey": tenant_id,
-                "RowKey": record.time_key,
-                "IncidentId": record.incident_id,
-                "LastUpdate": format_ticks(record.last_update),
-                "Status": record.status,
-                "Severity": record.severity,
-                "MergedInto": record.merged_into or "",
-                "Api": api,
-            }
-            if len(record.packed) > MAX_INLINE_BYTES:
-                row["BlobName"] = self.blob_name(tenant_id, record)
-            else:
-                row["Encoding"] = "zlib"
-                for n, start in enumerate(range(0, len(record.packed), CHUNK_BYTES)):
-                    row[f"Body{n}"] = record.packed[start : start + CHUNK_BYTES]
-            ops = [
-                ("upsert", row),
-                (
-                    "upsert",
-                    {
-                        "PartitionKey": tenant_id,
-                        "RowKey": f"i_{record.incident_id}",
-                        "LastUpdate": f"{record.last_update:019d}",
-                    },
-                ),
-            ]
-            old = stored.get(record.incident_id)
-            if old is not None and old != record.last_update:
-                ops.append(("delete", {"PartitionKey": tenant_id, "RowKey": time_key(old, record.incident_id)}))
-            weight = min(len(record.packed), MAX_INLINE_BYTES) * 4 // 3 + 2048
-            if len(batch) + len(ops) > OPS_PER_TRANSACTION or size + weight > MAX_TRANSACTION_BYTES:
-                flush()
-            batch.extend(ops)
-            size += weight
-        flush()
-
-    # -- reads -----------------------------------------------------------------------------------------
-
-    def page(
-        self,
-        tenant_id: str,
-        *,
-        since: int | None = None,
-        after: str | None = None,
-        status: str | None = None,
-        severity: str | None = None,
-        limit: int = 50,
-    ) -> tuple[list[StoredIncident], str | None]:
-        """Up to ``limit`` incidents updated at or after ``since``, oldest update first, after the row key
-        ``after`` (a previous page's cursor); returns them and the next cursor (None at the end)."""
-        clauses = ["PartitionKey eq @pk", "RowKey lt @end"]
-        params: dict[str, Any] = {"pk": tenant_id, "end": "t_~"}
-        if after is not None:
-            clauses.append("RowKey gt @after")
-            params["after"] = after
-        else:
-            clauses.append("RowKey ge @start")
-            params["start"] = f"t_{max(0, since or 0):019d}"
-        if status:
-            clauses.append("Status eq @status")
-            params["status"] = status
-        if severity:
-            clauses.append("Severity eq @severity")
-            params["severity"] = severity
-        rows: list[dict[str, Any]] = []
-        more = False
-        try:
-            query = self._table().query_entities(
-                " and ".join(clauses), parameters=params, results_per_page=min(1000, limit + 1)
-            )
-            for entity in query:
-                if len(rows) == limit:
-                    more = True
-                    break
-                rows.append(dict(entity))
-            bodies = list(self._pool.map(self._body, rows))
-        except AzureError as exc:
-            raise UpstreamUnavailable("incident storage cannot be read", diagnostic=repr(exc), retry_after=5) from exc
-        items = [
-            StoredIncident(
-                incident_id=str(row["IncidentId"]),
-                last_update=str(row["LastUpdate"]),
-                status=str(row.get("Status") or ""),
-                severity=str(row.get("Severity") or ""),
-                merged_into=str(row.get("MergedInto") or "") or None,
-                api=str(row.get("Api") or ""),
-                key=str(row["RowKey"]),
-                document=json.loads(body),
-            )
-            for row, body in zip(rows, bodies, strict=True)
-        ]
-        return items, (items[-1].key if more and items else None)
-
-    def _body(self, row: dict[str, Any]) -> bytes:
-        name = row.get("BlobName")
-        if name:
-            return bytes(self._blobs().download_blob(str(name)).readall())
-        parts = []
-        n = 0
-        while f"Body{n}" in row:
-            parts.append(bytes(row[f"Body{n}"]))
-            n += 1
-        joined = b"".join(parts)
-        return zlib.decompress(joined) if row.get("Encoding") == "zlib" else joined
-
-    def documents(self, tenant_id: str) -> Iterator[Any]:
-        """Every stored incident of a tenant, oldest update first (tests, export)."""
-        items, after = self.page(tenant_id, limit=500)
-        while True:
-            for item in items:
-                yield item.document
-            if after is None:
-                return
-            items, after = self.page(tenant_id, after=after, limit=500)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint and status
-
-
-@dataclass
-class SyncState:
-    """The state entity of one tenant: checkpoint, pending window and status counters."""
-
-    tenant_id: str
-    data: dict[str, Any]
-    etag: str | None
-
-    def get_int(self, name: str) -> int | None:
-        raw = self.data.get(name)
-        return None if raw in (None, "") else int(str(raw))
-
-    @property
-    def watermark(self) -> int | None:
-        return self.get_int("Watermark")
-
-    @property
-    def pending(self) -> tuple[int, int | None, int | None, int] | None:
-        low = self.get_int("PendingLow")
-        if low is None:
-            return None
-        return low, self.get_int("PendingCursor"), self.get_int("PendingHigh"), self.get_int("PendingSkip") or 0
-
-
-class SyncStateTable:
-    """State entities (``PartitionKey "sync"``, ``RowKey`` tenant GUID); checkpoint writes are ETag-guarded."""
-
-    def __init__(self, table: Callable[[], TableClient]) -> None:
-        self._table = table
-
-    def load(self, tenant_id: str) -> SyncState:
-        try:
-            entity = self._table().get_entity(STATE_PARTITION, tenant_id)
-        except ResourceNotFoundError:
-            return SyncState(tenant_id, {}, None)
-        data = {k: v for k, v in entity.items() if k not in ("PartitionKey", "RowKey")}
-        return SyncState(tenant_id, data, entity.metadata.get("etag"))
-
-    def save(self, state: SyncState) -> None:
-        """Write the whole entity if nobody else wrote it since we read it (``SyncInProgress`` otherwise)."""
-        entity = {"PartitionKey": STATE_PARTITION, "RowKey": state.tenant_id, **_typed(state.data)}
-        table = self._table()
-        try:
-            if state.etag is None:
-                result = table.create_entity(entity)
-            else:
-                result = table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=state.etag, match_condition=MatchConditions.IfNotModified
-                )
-        except (ResourceExistsError, ResourceModifiedError) as exc:
-            raise SyncInProgress("another run changed this tenant's sync state", diagnostic=repr(exc)) from exc
-        except HttpResponseError as exc:
-            if exc.status_code in (409, 412):
-                raise SyncInProgress("another run changed this tenant's sync state", diagnostic=repr(exc)) from exc
-            raise
-        state.etag = result.get("etag")
-
-    def merge(self, tenant_id: str, fields: dict[str, Any]) -> None:
-        """Set status fields without touching the checkpoint (used to record failures)."""
-        entity = {"PartitionKey": STATE_PARTITION, "RowKey": tenant_id, **_typed(fields)}
-        self._table().upsert_entity(entity, mode=UpdateMode.MERGE)
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for entity in self._table().query_entities("PartitionKey eq @pk", parameters={"pk": STATE_PARTITION}):
-            found[str(entity["RowKey"])] = dict(entity)
-        return found
-
-
-def _typed(fields: dict[str, Any]) -> dict[str, Any]:
-    """Table-safe values: big integers travel as strings (Edm.Int32 would overflow)."""
-    out: dict[str, Any] = {}
-    for key, value in fields.items():
-        if isinstance(value, bool) or value is None or isinstance(value, float | str):
-            out[key] = "" if value is None else value
-        elif isinstance(value, int):
-            out[key] = str(value)
-        else:
-            out[key] = str(value)
-    return out
-
-
-class TenantLease:
-    """A 60-second blob lease per tenant: one sync run per tenant at a time, across instances."""
-
-    def __init__(self, container: Callable[[], ContainerClient]) -> None:
-        self._container = container
-
-    def acquire(self, tenant_id: str) -> BlobLeaseClient:
-        blob = self._container().get_blob_client(f"leases/{tenant_id}")
-        for _ in range(2):
-            try:
-                return blob.acquire_lease(lease_duration=LEASE_SECONDS)
-            except ResourceNotFoundError:
-                with contextlib.suppress(ResourceExistsError):
-                    blob.upload_blob(b"", overwrite=False)
-            except HttpResponseError as exc:
-                if exc.status_code == 409:
-                    raise SyncInProgress(f"a sync run for tenant {tenant_id} is in progress") from exc
-                raise
-        raise SyncInProgress(f"the sync lease of tenant {tenant_id} cannot be taken")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The sync
 
 
 @dataclass
@@ -946,28 +479,3 @@ def base64_queue(storage: StorageAccount, name: str) -> QueueClient:
     return storage.queues.get_queue_client(
         name, message_encode_policy=TextBase64EncodePolicy(), message_decode_policy=TextBase64DecodePolicy()
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cursors for the HTTP API
-
-
-def encode_cursor(tenant_id: str, key: str) -> str:
-    raw = json.dumps({"t": tenant_id, "k": key}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(tenant_id: str, cursor: str) -> str:
-    """The row key a cursor carries; ``ValueError`` if it is not one of ours for this tenant."""
-    if not 0 < len(cursor) <= 400 or not re.fullmatch(r"[A-Za-z0-9_-]+", cursor):
-        raise ValueError("malformed cursor")
-    try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("malformed cursor") from exc
-    if not isinstance(data, dict) or data.get("t") != tenant_id or not isinstance(data.get("k"), str):
-        raise ValueError("the cursor belongs to another query")
-    key = str(data["k"])
-    if not _KEY.fullmatch(key):
-        raise ValueError("malformed cursor")
-    return key

@@ -1,4 +1,5 @@
-"""The two incident APIs, behind one client: Defender XDR ``/api/incidents`` and Graph ``/security/incidents``.
+"""The upstream incident APIs, behind one client: Defender XDR ``/api/incidents`` and Graph
+``/security/incidents`` (what differs between them is in :mod:`broker.incidents.dialects`).
 
 Both list incidents most recently updated first. The client asks for one *window* page at a time —
 ``lastUpdate ge LOW [and lastUpdate le HIGH]``, optionally with ``$skip`` — and leaves the paging strategy
@@ -27,8 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -36,67 +36,16 @@ from requests.adapters import HTTPAdapter
 
 from broker.errors import IncidentApiError, RoleMissing, UpstreamThrottled, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
-from broker.settings import DEFENDER_SCOPE, GRAPH_SCOPE
+from broker.incidents.dialects import DEFENDER, DIALECTS, GRAPH, Dialect
+from broker.incidents.ticks import format_ticks
 from broker.tenants import Tenant
 from broker.tokens import TokenIssuer
 
 log = logging.getLogger(__name__)
 
-ApiName = Literal["defender", "graph"]
-TICKS_PER_SECOND = 10_000_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TS = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2}))?(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})?$")
-_WINDOW = re.compile(r"per\s+(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
 _ID = re.compile(r"^[0-9]{1,20}$")
+_WINDOW = re.compile(r"per\s+(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
 MAX_RETRY_AFTER = 3600.0
-
-
-# -- time: integer 100-ns ticks, the resolution Microsoft's timestamps carry ----------------------------
-
-
-def parse_ticks(text: str) -> int:
-    """``2020-09-06T14:46:57.0733333Z`` (any fraction, Z or offset) → ticks since the epoch."""
-    match = _TS.match(text.strip())
-    if not match:
-        raise ValueError(f"not an ISO-8601 timestamp: {text[:40]!r}")
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=UTC)
-    if zone not in (None, "Z"):
-        sign = 1 if zone[0] == "+" else -1
-        moment -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-    delta = moment - _EPOCH
-    ticks = (delta.days * 86_400 + delta.seconds) * TICKS_PER_SECOND
-    return ticks + (int((fraction + "0000000")[:7]) if fraction else 0)
-
-
-def format_ticks(ticks: int) -> str:
-    seconds, rest = divmod(ticks, TICKS_PER_SECOND)
-    return f"{(_EPOCH + timedelta(seconds=seconds)).strftime('%Y-%m-%dT%H:%M:%S')}.{rest:07d}Z"
-
-
-def now_ticks(clock: Callable[[], float] = time.time) -> int:
-    return int(clock() * TICKS_PER_SECOND)
-
-
-# -- the two dialects ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between Defender and Graph: path, page size, field names, scope."""
-
-    name: ApiName
-    path: str
-    top: int
-    time_field: str
-    id_field: str
-    scope: str
-    extra: tuple[tuple[str, str], ...] = ()
-
-
-DEFENDER = Dialect("defender", "/api/incidents", 100, "lastUpdateTime", "incidentId", DEFENDER_SCOPE)
-GRAPH = Dialect("graph", "/security/incidents", 50, "lastUpdateDateTime", "id", GRAPH_SCOPE, (("$expand", "alerts"),))
-DIALECTS: dict[str, Dialect] = {"defender": DEFENDER, "graph": GRAPH}
 
 
 @dataclass(frozen=True)

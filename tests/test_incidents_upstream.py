@@ -13,7 +13,8 @@ import requests
 from broker import wiring
 from broker.errors import IncidentApiError, SyncBudgetExhausted, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
-from broker.incidents.upstream import CallCounter, RetryPolicy, format_ticks, parse_ticks, throttle_seconds
+from broker.incidents.ticks import format_ticks, parse_ticks
+from broker.incidents.upstream import CallCounter, RetryPolicy, throttle_seconds
 from broker.settings import Settings
 from broker.storage import StorageAccount
 from broker.wiring import Container
