@@ -3,15 +3,14 @@ may they (the policy, the tenant kill switch), and the audit record of the decis
 
 Routes call ``authenticate`` and then ``authorize`` (tenant-scoped routes) or ``require_admin``; a refusal
 is recorded in the audit log (without waiting) and raised as a problem. ``audit`` records a route's own
-outcome. The per-request summary fields (caller, tenant, reason) are left on ``request.state.summary``.
+outcome. The request's summary fields (:mod:`broker.http.summary`) get the caller, the tenant, the reason of a
+refusal and the audit record's reference.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -20,13 +19,12 @@ from broker.audit import AuditRecord, Written
 from broker.callers import Caller
 from broker.errors import (
     BrokerError,
-    CallerError,
     Forbidden,
     RateLimited,
-    RequestError,
     TenantDisabled,
     UnknownTenant,
 )
+from broker.http.summary import fields, request_id
 from broker.policy import ACTION_ROLES, Action
 from broker.tenants import Tenant, is_tenant_guid, normalize_reference
 from broker.tokens import AccessToken
@@ -41,31 +39,6 @@ class Access:
     tenant: Tenant
 
 
-def summary(request: Request) -> dict[str, Any]:
-    """The request's summary fields (for its one log line)."""
-    found: dict[str, Any] | None = getattr(request.state, "summary", None)
-    if found is None:
-        found = {}
-        request.state.summary = found
-    return found
-
-
-def request_id(request: Request) -> str:
-    """The request's id: the caller's ``X-Request-Id`` when it is a sane token, else a new one."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        rid = request.headers.get("x-request-id", "")
-        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum() and rid.isascii()):
-            rid = uuid.uuid4().hex
-        request.state.request_id = rid
-    return str(rid)
-
-
-def outcome_of(exc: BrokerError) -> str:
-    """``denied`` when the caller or its request was refused, ``failed`` when the broker could not serve."""
-    return "denied" if isinstance(exc, CallerError | RequestError) else "failed"
-
-
 def reason_of(exc: BrokerError) -> str:
     return exc.diagnostic if _REASON.fullmatch(exc.diagnostic) else exc.code
 
@@ -74,7 +47,7 @@ async def authenticate(c: Container, request: Request, action: Action) -> Caller
     """The caller, if its token is valid, it is not switched off, and it is within its rate."""
     try:
         caller = await c.authenticator.authenticate(request.headers)
-        summary(request)["caller"] = caller.label
+        fields(request)["caller"] = caller.label
         request.state.caller = caller
         await c.callers.ensure_fresh()
         c.callers.check(caller)
@@ -107,7 +80,7 @@ async def authorize(
                 # Saying "no such tenant" would let a caller map the registry: refuse as for any other.
                 raise not_granted("unknown_tenant") from exc
         target = tenant
-        summary(request)["tenant"] = tenant.tenant_id
+        fields(request)["tenant"] = tenant.tenant_id
         decision = policy.decide(
             object_id=caller.id,
             app_id=caller.app_id,
@@ -165,7 +138,7 @@ async def refused(
         return
     caller: Caller | None = getattr(request.state, "caller", None)
     outcome = "denied" if exc.status < 500 else "failed"
-    summary(request)["reason"] = reason_of(exc)
+    fields(request)["reason"] = reason_of(exc)
     await audit(
         c,
         request,
@@ -214,7 +187,7 @@ async def audit(
     )
     written = await c.audit.record(record, wait=wait)
     if written is not None:
-        summary(request)["audit"] = written.ref
+        fields(request)["audit"] = written.ref
     return written
 
 

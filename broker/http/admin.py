@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,10 +16,9 @@ from broker.callers import Caller, normalize_principal
 from broker.changes import RegistryChanges
 from broker.errors import BadRequest, BrokerError, UnknownTenant
 from broker.http import access
+from broker.http.summary import request_id, summarised
 from broker.tenants import is_tenant_guid, normalize_reference
 from broker.wiring import Container
-
-log = logging.getLogger(__name__)
 
 MAX_AUDIT_LIMIT = 1000
 MAX_AUDIT_DAYS = 93
@@ -33,19 +31,22 @@ def _changes(c: Container) -> RegistryChanges:
 def admin_routes(container: Callable[[], Container]) -> APIRouter:
     router = APIRouter()
 
+    def summary(request: Request, what: str) -> AbstractAsyncContextManager[dict[str, Any]]:
+        return summarised(request, "admin.request", outcome="allowed", caller="-", what=what)
+
     async def run(request: Request, what: str, work: Callable[[Container, Any], Any], *, change: bool = False) -> Any:
-        """Authorize an admin, do ``work`` in a thread, record it, log one summary line.
+        """Authorize an admin, do ``work`` in a thread (its ``ValueError`` is bad input), record it.
 
         A ``change`` records itself before it takes effect (``RegistryChanges``); a read is recorded after.
         """
-        started = time.perf_counter()
-        summary = access.summary(request)
-        summary.update({"outcome": "allowed", "code": "-", "caller": "-", "what": what})
         c: Container | None = None
         try:
             c = container()
             caller = await access.require_admin(c, request)
-            result = await run_in_threadpool(work, c, caller)
+            try:
+                result = await run_in_threadpool(work, c, caller)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
             if change:
                 request.state.audited = True
             else:
@@ -54,78 +55,75 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
                 )
             return result
         except BrokerError as exc:
-            summary.update(outcome=access.outcome_of(exc), code=exc.code)
             if c is not None:
                 await access.refused(c, request, exc, action="admin")
             raise
-        finally:
-            summary["duration_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
-            summary["request_id"] = access.request_id(request)
-            log.info("admin.request %s", " ".join(f"{k}={v}" for k, v in summary.items()))
 
     @router.get("/api/audit")
     async def query_audit(request: Request) -> dict[str, Any]:
-        params = request.query_params
-        now = datetime.now(UTC)
-        end = parse_moment(params.get("to"), default=now, end_of_day=True)
-        start = parse_moment(params.get("from"), default=end - timedelta(days=1))
-        if start > end or end - start > timedelta(days=MAX_AUDIT_DAYS):
-            raise BadRequest(f"'from' must be before 'to', at most {MAX_AUDIT_DAYS} days apart")
-        try:
-            limit = int(params.get("limit", "100"))
-        except ValueError as exc:
-            raise BadRequest("limit must be an integer") from exc
-        if not 1 <= limit <= MAX_AUDIT_LIMIT:
-            raise BadRequest(f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
-        tenant_ref = params.get("tenant")
-        caller_ref = params.get("caller")
+        async with summary(request, "audit_query"):
+            params = request.query_params
+            now = datetime.now(UTC)
+            end = parse_moment(params.get("to"), default=now, end_of_day=True)
+            start = parse_moment(params.get("from"), default=end - timedelta(days=1))
+            if start > end or end - start > timedelta(days=MAX_AUDIT_DAYS):
+                raise BadRequest(f"'from' must be before 'to', at most {MAX_AUDIT_DAYS} days apart")
+            try:
+                limit = int(params.get("limit", "100"))
+            except ValueError as exc:
+                raise BadRequest("limit must be an integer") from exc
+            if not 1 <= limit <= MAX_AUDIT_LIMIT:
+                raise BadRequest(f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
+            tenant_ref = params.get("tenant")
+            caller_ref = params.get("caller")
 
-        def work(c: Container, _caller: Any) -> dict[str, Any]:
-            tenant = None
-            if tenant_ref:
-                ref = normalize_reference(tenant_ref)
-                try:
-                    tenant = c.tenants.resolve(ref).tenant_id
-                except UnknownTenant:
-                    if not is_tenant_guid(ref):
-                        raise  # records are found by GUID: a name means nothing once its tenant is gone
-                    tenant = ref  # a removed tenant's GUID still has records
-            caller = normalize_principal(caller_ref) if caller_ref else None
-            records, cursor = c.audit.query(
-                start, end, tenant=tenant, caller=caller, limit=limit, cursor=params.get("cursor")
-            )
-            return {"records": records, "next_cursor": cursor}
+            def work(c: Container, _caller: Any) -> dict[str, Any]:
+                tenant = None
+                if tenant_ref:
+                    ref = normalize_reference(tenant_ref)
+                    try:
+                        tenant = c.tenants.resolve(ref).tenant_id
+                    except UnknownTenant:
+                        if not is_tenant_guid(ref):
+                            raise  # records are found by GUID: a name means nothing once its tenant is gone
+                        tenant = ref  # a removed tenant's GUID still has records
+                caller = normalize_principal(caller_ref) if caller_ref else None
+                records, cursor = c.audit.query(
+                    start, end, tenant=tenant, caller=caller, limit=limit, cursor=params.get("cursor")
+                )
+                return {"records": records, "next_cursor": cursor}
 
-        try:
             result: dict[str, Any] = await run(request, "audit_query", work)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
-        return result
+            return result
 
     async def switch_caller(request: Request, principal: str, enabled: bool) -> dict[str, Any]:
-        try:
-            target = normalize_principal(principal)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
-
-        def work(c: Container, caller: Caller) -> dict[str, Any]:
-            switch = _changes(c).set_caller_enabled(target, enabled, by=caller, request_id=access.request_id(request))
-            return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
-
         verb = "enable" if enabled else "disable"
-        result: dict[str, Any] = await run(request, f"caller_{verb}:{target}", work, change=True)
-        return result
+        async with summary(request, f"caller_{verb}") as fields:
+            try:
+                target = normalize_principal(principal)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+
+            def work(c: Container, caller: Caller) -> dict[str, Any]:
+                switch = _changes(c).set_caller_enabled(target, enabled, by=caller, request_id=request_id(request))
+                return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
+
+            fields["what"] = what = f"caller_{verb}:{target}"
+            result: dict[str, Any] = await run(request, what, work, change=True)
+            return result
 
     async def switch_tenant(request: Request, name: str, enabled: bool) -> dict[str, Any]:
-        ref = normalize_reference(name)
-
-        def work(c: Container, caller: Caller) -> dict[str, Any]:
-            tenant = _changes(c).set_tenant_enabled(ref, enabled, by=caller, request_id=access.request_id(request))
-            return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
-
         verb = "enable" if enabled else "disable"
-        result: dict[str, Any] = await run(request, f"tenant_{verb}:{ref}", work, change=True)
-        return result
+        async with summary(request, f"tenant_{verb}") as fields:
+            ref = normalize_reference(name)
+
+            def work(c: Container, caller: Caller) -> dict[str, Any]:
+                tenant = _changes(c).set_tenant_enabled(ref, enabled, by=caller, request_id=request_id(request))
+                return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
+
+            fields["what"] = what = f"tenant_{verb}:{ref}"
+            result: dict[str, Any] = await run(request, what, work, change=True)
+            return result
 
     @router.post("/api/admin/callers/{principal}/disable")
     async def disable_caller(request: Request, principal: str) -> dict[str, Any]:

@@ -8,22 +8,19 @@ first; ``cursor`` continues where the previous page stopped (it is bound to the 
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from broker.errors import BadRequest, BrokerError
+from broker.errors import BadRequest
 from broker.http import access
+from broker.http.summary import fields, summarised
 from broker.incidents.cursors import decode_cursor, encode_cursor
 from broker.incidents.ticks import parse_ticks
 from broker.tenants import Tenant
 from broker.wiring import Container
-
-log = logging.getLogger(__name__)
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 50
@@ -79,22 +76,12 @@ async def _tenant(c: Container, request: Request, ref: object) -> Tenant:
     return (await access.authorize(c, request, ref, "incidents", caller=caller)).tenant
 
 
-def incidents_router(container: Callable[[], Container]) -> APIRouter:
+def incidents_routes(container: Callable[[], Container]) -> APIRouter:
     router = APIRouter()
 
     async def serve(request: Request, what: str, work: Callable[[Container], Any]) -> Any:
-        started = time.perf_counter()
-        summary = access.summary(request)
-        summary.update({"outcome": "ok", "code": "-", "what": what})
-        try:
+        async with summarised(request, "incidents.request", what=what):
             return await work(container())
-        except BrokerError as exc:
-            summary.update(outcome=access.outcome_of(exc), code=exc.code)
-            raise
-        finally:
-            summary["duration_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
-            summary["request_id"] = access.request_id(request)
-            log.info("incidents.request %s", " ".join(f"{k}={v}" for k, v in summary.items()))
 
     @router.get("/api/incidents")
     async def list_incidents(request: Request) -> Any:
@@ -116,7 +103,7 @@ def incidents_router(container: Callable[[], Container]) -> APIRouter:
                 severity=q["severity"],
                 limit=q["limit"],
             )
-            access.summary(request)["count"] = len(items)
+            fields(request)["count"] = len(items)
             return {
                 "tenant": tenant.name,
                 "tenant_id": tenant.tenant_id,
