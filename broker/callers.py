@@ -48,6 +48,7 @@ import jwt
 from azure.data.tables import TableClient, UpdateMode
 
 from broker.errors import CallerDisabled, Unauthenticated, UpstreamUnavailable
+from broker.identifiers import parse_guid
 from broker.storage import PartitionSnapshot, SnapshotBacked
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ VERIFIED_TTL_SECONDS = 300.0
 MAX_VERIFIED = 4096
 MAX_DOCUMENT_BYTES = 512 * 1024
 _BEARER = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$")
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ class EntraAuthenticator:
         if claims["iss"] != expected:
             raise _refused("the token's issuer is not the home tenant's", "wrong_issuer")
         oid = claims["oid"]
-        if not isinstance(oid, str) or not _GUID.fullmatch(oid):
+        if parse_guid(oid) != oid:  # the canonical form only, as Entra writes it
             raise _refused("the token's oid is not a GUID", "bad_oid")
         if not app_only(claims):
             raise _refused("only app-only tokens (a service's own identity) are accepted", "not_app_only")
@@ -288,7 +288,7 @@ class EntraAuthenticator:
         caller = Caller(
             id=oid,
             tenant_id=tid,
-            app_id=app_id if isinstance(app_id, str) and _GUID.fullmatch(app_id) else None,
+            app_id=app_id if parse_guid(app_id) == app_id else None,
             roles=roles,
             app_only=True,
         )
@@ -309,13 +309,12 @@ def app_only(claims: Mapping[str, Any]) -> bool:
 # -- the caller kill switch ----------------------------------------------------------------------------
 
 SWITCH_PARTITION = "caller"
-_PRINCIPAL = re.compile(r"^(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|local)$")
 
 
 def normalize_principal(value: str) -> str:
     """A caller's object id or app id (a GUID), or ``local``; ``ValueError`` otherwise."""
     text = value.strip().lower()
-    if not _PRINCIPAL.fullmatch(text):
+    if text != "local" and parse_guid(text) is None:
         raise ValueError(f"{value!r} is not a caller object id or app id (a GUID)")
     return text
 

@@ -37,11 +37,12 @@ import math
 import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from broker.identifiers import guid_shaped, is_tenant_name, parse_guid
 
 Action = Literal["token", "incidents", "admin"]
 
@@ -50,7 +51,6 @@ ROLE_INCIDENTS = "Broker.Incidents.Read"
 ROLE_ADMIN = "Broker.Admin"
 ACTION_ROLES: Mapping[str, str] = {"token": ROLE_TOKEN, "incidents": ROLE_INCIDENTS, "admin": ROLE_ADMIN}
 
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _GROUP = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENTRY_KEYS = frozenset({"name", "object_id", "app_id", "tenants", "scopes", "admin"})
 
@@ -61,16 +61,6 @@ class PolicyError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
-
-
-def _guid(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = str(uuid.UUID(value))
-    except ValueError:
-        return None
-    return parsed if parsed == value.lower() and len(value) == 36 else None
 
 
 @dataclass(frozen=True)
@@ -222,17 +212,15 @@ def _parse(text: str, allowed_scopes: frozenset[str]) -> Policy:
 def _tenant_ref(value: object) -> tuple[str, str] | None:
     """``("id", guid)``, ``("name", name)`` or ``("*", "*")``; None for anything else, including a name that
     looks like a GUID without being one in canonical form (it could only ever be mistaken for one)."""
-    from broker.tenants import guid_shaped  # the registry's own rule (imported late: tenants needs settings)
-
     if not isinstance(value, str):
         return None
     if value == "*":
         return ("*", "*")
     ref = value.lower()
-    guid = _guid(ref)
+    guid = parse_guid(ref)
     if guid:
         return ("id", guid)
-    return ("name", ref) if _NAME.fullmatch(ref) and not guid_shaped(ref) else None
+    return ("name", ref) if is_tenant_name(ref) and not guid_shaped(ref) else None
 
 
 def _entry(
@@ -258,7 +246,7 @@ def _entry(
     if object_id is None and app_id is None:
         problems.append(f"{where}: needs 'object_id' or 'app_id' (the caller identity's GUID)")
     for key, value in (("object_id", object_id), ("app_id", app_id)):
-        if value is not None and _guid(value) is None:
+        if value is not None and parse_guid(value) is None:
             problems.append(f"{where}: {key} {value!r} is not a lowercase GUID")
     tenants: set[tuple[str, str]] = set()
     raw_tenants = entry.get("tenants", [])
@@ -297,8 +285,8 @@ def _entry(
         return None
     return Grant(
         name=str(name),
-        object_id=_guid(object_id),
-        app_id=_guid(app_id),
+        object_id=parse_guid(object_id),
+        app_id=parse_guid(app_id),
         tenant_names=frozenset(ref for kind, ref in tenants if kind == "name"),
         tenant_ids=frozenset(ref for kind, ref in tenants if kind == "id"),
         scopes=frozenset(scopes),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from broker.clouds import (
     is_loopback_host,
     scope_cloud,
 )
+from broker.identifiers import parse_guid
 from broker.policy import Policy, PolicyError
 
 DEFENDER_SCOPE = CLOUDS["public"].defender_scope
@@ -279,13 +279,6 @@ def read_environment(cwd: Path | None = None) -> dict[str, str]:
     return merged
 
 
-def is_guid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
-    except ValueError:
-        return False
-
-
 class _Parser:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.env = environ
@@ -305,7 +298,7 @@ class _Parser:
             if required:
                 self.fail(name, "missing (a tenant or client GUID)")
             return ""
-        if not is_guid(value):
+        if parse_guid(value) is None:
             self.fail(name, "not a GUID")
         return value
 

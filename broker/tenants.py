@@ -16,10 +16,7 @@ instance, the CLI — is seen) and at once when a well-formed name is not found.
 from __future__ import annotations
 
 import logging
-import re
-import string
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,12 +27,11 @@ from azure.data.tables import TableClient, UpdateMode
 
 from broker.clouds import CLOUDS, Cloud, EndpointRefused, check_defender
 from broker.errors import InvalidTenant, NotFound, UnknownTenant
+from broker.identifiers import guid_shaped, is_tenant_name, parse_guid
 from broker.storage import PartitionSnapshot, SnapshotBacked
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 RESERVED_NAMES = frozenset({"common", "organizations", "consumers", "adfs", "me", "default", "api"})
 IncidentApi = Literal["defender", "graph"]
 PARTITION = "tenant"
@@ -59,13 +55,13 @@ class Tenant:
         return "onboarded" if self.onboarded_at else "pending"
 
     def __post_init__(self) -> None:
-        if not _NAME.fullmatch(self.name) or self.name in RESERVED_NAMES:
+        if not is_tenant_name(self.name) or self.name in RESERVED_NAMES:
             raise ValueError(f"tenant name {self.name!r} must be lowercase letters, digits and hyphens")
         if guid_shaped(self.name):
             raise ValueError(
                 f"tenant name {self.name!r} looks like a GUID; a name must not (names and GUIDs are kept apart)"
             )
-        if not _GUID.fullmatch(self.tenant_id):
+        if parse_guid(self.tenant_id) != self.tenant_id:
             raise ValueError("tenant_id must be a lowercase GUID")
         if self.api not in ("defender", "graph"):
             raise ValueError("api must be 'defender' or 'graph'")
@@ -86,16 +82,9 @@ def check_defender_url(url: str, cloud: Cloud | None = None) -> None:
     raise ValueError(f"defender_url: {refusals[0]}")
 
 
-def guid_shaped(text: str) -> bool:
-    """Whether ``text`` would read as a GUID to a person or a parser: 32 hex digits once hyphens and braces
-    are dropped, however they were placed."""
-    digits = text.strip().strip("{}").replace("-", "")
-    return len(digits) == 32 and all(c in string.hexdigits for c in digits)
-
-
 def is_tenant_guid(ref: str) -> bool:
     """Whether a normalized reference names a tenant by GUID (else it is a name)."""
-    return _GUID.fullmatch(ref) is not None
+    return parse_guid(ref) == ref
 
 
 def normalize_reference(value: object) -> str:
@@ -107,19 +96,19 @@ def normalize_reference(value: object) -> str:
     if not isinstance(value, str) or not value or len(value) > 64 or not value.isascii():
         raise InvalidTenant()
     ref = value.lower()
-    if _GUID.fullmatch(ref):
+    if parse_guid(ref) == ref:
         return ref
-    if ref in RESERVED_NAMES or not _NAME.fullmatch(ref) or guid_shaped(ref):
+    if ref in RESERVED_NAMES or not is_tenant_name(ref) or guid_shaped(ref):
         raise InvalidTenant()
     return ref
 
 
 def canonical_guid(value: str) -> str:
     """A tenant GUID in canonical lowercase form, or ``ValueError``."""
-    text = value.strip().lower()
-    if not _GUID.fullmatch(text) or str(uuid.UUID(text)) != text:
+    guid = parse_guid(value.strip())
+    if guid is None:
         raise ValueError(f"{value!r} is not a tenant GUID")
-    return text
+    return guid
 
 
 @dataclass(frozen=True)

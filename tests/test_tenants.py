@@ -10,6 +10,7 @@ import pytest
 
 from broker.clouds import CLOUDS
 from broker.errors import InvalidTenant, UnknownTenant
+from broker.identifiers import guid_shaped
 from broker.settings import Secret, StorageSettings
 from broker.storage import StorageAccount
 from broker.tenants import (
@@ -17,7 +18,6 @@ from broker.tenants import (
     TenantRegistry,
     canonical_guid,
     check_defender_url,
-    guid_shaped,
     normalize_reference,
 )
 
