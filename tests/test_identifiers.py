@@ -1,5 +1,5 @@
-"""One GUID rule: every entry point that takes a GUID agrees on which spellings are GUIDs and on their
-canonical form."""
+"""One GUID rule and one incident-id rule: every entry point that takes a GUID agrees on which spellings are
+GUIDs and on their canonical form; the incident-id rule accepts what the store accepts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from test_settings import GOOD
 from broker.callers import normalize_principal
 from broker.errors import InvalidTenant
 from broker.identifiers import parse_guid
+from broker.incidents.dialects import DEFENDER, GRAPH
+from broker.incidents.records import IncidentRecord, parse_incident_id
 from broker.policy import Policy, PolicyError
 from broker.settings import Settings, SettingsError
 from broker.tenants import canonical_guid, normalize_reference
@@ -86,3 +88,37 @@ def test_every_guid_entry_point_applies_the_one_rule(spelling: str, expected: st
         assert _reference(spelling) == expected
     else:  # a tenant reference may also be a name: refused, or taken as a name, never as a GUID
         assert _reference(spelling) in (None, spelling.lower())
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (2972395, "2972395"),
+        ("2972395", "2972395"),
+        ("ed2d4ea3-merged", "ed2d4ea3-merged"),
+        ("a" * 64, "a" * 64),
+        ("a" * 65, None),
+        ("-1", None),
+        ("../1", None),
+        ("1/2", None),
+        ("1?x=2", None),
+        ("", None),
+        (True, None),
+        (1.5, None),
+        (None, None),
+    ],
+)
+def test_the_incident_id_rule(value: object, expected: str | None) -> None:
+    """Integers and strings of letters, digits, '_' and '-' (not first), at most 64: nothing that could
+    change a request path."""
+    assert parse_incident_id(value) == expected
+
+
+def test_a_record_takes_any_id_the_rule_accepts_from_either_api() -> None:
+    """The store keys what the rule accepts; the same rule guards the path of a fetch by id."""
+    stamp = "2024-06-01T00:00:00Z"
+    defender = IncidentRecord.from_api({"incidentId": 12, "lastUpdateTime": stamp}, DEFENDER)
+    graph = IncidentRecord.from_api({"id": "abc-7", "lastUpdateDateTime": stamp, "redirectIncidentId": "x_9"}, GRAPH)
+    assert (defender.incident_id, graph.incident_id, graph.merged_into) == ("12", "abc-7", "x_9")
+    with pytest.raises(ValueError, match="usable id"):
+        IncidentRecord.from_api({"id": "a/b", "lastUpdateDateTime": stamp}, GRAPH)

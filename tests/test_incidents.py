@@ -161,6 +161,32 @@ def test_a_merge_target_outside_the_window_is_fetched_by_id(sandbox: Sandbox, co
     assert stored(container, tenant)[str(target["incidentId"])] == truth(sandbox, tenant)[str(target["incidentId"])]
 
 
+@pytest.mark.parametrize("api", ["defender", "graph"])
+def test_a_merge_target_that_is_not_a_number_does_not_fail_the_run(
+    sandbox: Sandbox, container: Container, api: str
+) -> None:
+    """Where the two incident-id rules disagreed: the store took letters, the client digits only, so one
+    merged incident whose target is not a number failed the whole run. Now the incident is stored, its
+    target asked for once over HTTPS (Defender answers 400, Graph 404), and the run completes."""
+    tenant = new_tenant(sandbox, container, 0, api=api)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if api == "defender":
+        doc = {"incidentId": 990001, "lastUpdateTime": stamp, "status": "Redirected", "redirectIncidentId": "inc-7b"}
+        path = "/api/incidents"
+    else:
+        doc = {"id": "990001", "tenantId": tenant.tenant_id, "lastUpdateDateTime": stamp, "status": "redirected"}
+        doc["redirectIncidentId"] = "inc-7b"
+        path = "/security/incidents"
+    sandbox.recorder.inject(Fault(service=api, status=200, body=json.dumps({"value": [doc]}), path_contains=path))
+    report = container.incidents.run(tenant)
+    assert report.outcome == "complete", report
+    assert (report.stored, report.merged, report.calls) == (1, 1, 2)  # the page, then the target by id
+    assert report.targets_fetched == 0
+    [item], _ = container.incidents.store.page(tenant.tenant_id)
+    assert (item.incident_id, item.merged_into) == ("990001", "inc-7b")
+    assert container.incidents.status([tenant])[0]["last_outcome"] == "complete"
+
+
 @pytest.mark.slow
 def test_a_run_killed_after_page_k_resumes_and_ends_equal_to_the_truth(sandbox: Sandbox, container: Container) -> None:
     """A 500 that persists from page 3 on: the run fails with its error in the status, its checkpoint covers

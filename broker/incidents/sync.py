@@ -35,6 +35,10 @@ Merged incidents (``redirectIncidentId``) are stored with ``MergedInto``; a targ
 new as its merge is fetched by id at the end of the run. A Graph incident whose ``tenantId`` is not the
 tenant being synced is refused: never stored, logged, counted in the status (``Refused``).
 
+Merge targets are fetched only when they pass the one incident-id rule
+(:func:`~broker.incidents.records.parse_incident_id`); a target the API refuses (Defender answers 400 to an
+id that is not a number) or does not know is logged and skipped, never a failed run.
+
 Budget: every call takes a slot from the tenant's persisted :class:`~broker.incidents.budget.CallBudget`.
 When the budget (or a 429) needs a longer wait than the caller allows, the run stops at its last
 checkpoint with outcome ``deferred``; the queue handler re-enqueues the tenant with that delay.
@@ -54,10 +58,10 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobLeaseClient
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from broker.errors import BrokerError, SyncBudgetExhausted, SyncInProgress, UpstreamThrottled
+from broker.errors import BrokerError, IncidentApiError, SyncBudgetExhausted, SyncInProgress, UpstreamThrottled
 from broker.incidents.checkpoint import SyncState, SyncStateTable, TenantLease
 from broker.incidents.dialects import Dialect
-from broker.incidents.records import IncidentRecord
+from broker.incidents.records import IncidentRecord, parse_incident_id
 from broker.incidents.store import IncidentStore
 from broker.incidents.ticks import TICKS_PER_SECOND, format_ticks, now_ticks
 from broker.incidents.upstream import CallCounter, IncidentApiClient
@@ -333,7 +337,13 @@ class IncidentSync:
             records.append(record)
             if record.merged_into is not None:
                 report.merged += 1
-                run.targets[record.merged_into] = max(run.targets.get(record.merged_into, 0), record.last_update)
+                if parse_incident_id(record.merged_into) is None:
+                    # Stored as sent, but never put into a request path.
+                    log.warning(
+                        "sync.target tenant=%s merged=%s outcome=unusable_id", tenant.tenant_id, record.incident_id
+                    )
+                else:
+                    run.targets[record.merged_into] = max(run.targets.get(record.merged_into, 0), record.last_update)
         if refused:
             report.refused += len(refused)
             log.warning(
@@ -360,7 +370,15 @@ class IncidentSync:
             todo = {}
             for incident_id in missing:
                 run.lease.renew()
-                doc = self.api.get_incident(tenant, incident_id, run.counter, max_wait=max_wait)
+                try:
+                    doc = self.api.get_incident(tenant, incident_id, run.counter, max_wait=max_wait)
+                except IncidentApiError as exc:
+                    # The API refused this one id (e.g. Defender's 400 for an id that is not a number): the
+                    # merged incident is stored; one target it will not serve must not fail the whole run.
+                    log.warning(
+                        "sync.target tenant=%s id=%s outcome=refused code=%s", tenant.tenant_id, incident_id, exc.code
+                    )
+                    continue
                 if doc is None:
                     log.warning("sync.target tenant=%s id=%s outcome=not_found", tenant.tenant_id, incident_id)
                     continue

@@ -9,8 +9,9 @@ to :mod:`broker.incidents.sync` (which explains why it builds its own next reque
 What goes out: only a token for a tenant GUID from the registry (``TokenIssuer.acquire``, the same cache
 the HTTP API uses), only to URLs built from settings plus fixed paths. An ``@odata.nextLink`` is followed
 only when it points at the very endpoint we called (same scheme, host, port and path), so a hostile or
-broken response cannot make us send a customer's token elsewhere. Incident ids from responses are checked
-(digits only) before they go into a path.
+broken response cannot make us send a customer's token elsewhere. An incident id from a response goes
+into a path only if it passes the one incident-id rule (:func:`broker.incidents.records.parse_incident_id`),
+whose characters are all safe in a path segment.
 
 Every request first takes a call from the tenant's :class:`~broker.incidents.budget.CallBudget`. Retries are for
 these idempotent GETs only: connection errors, timeouts and 5xx, with full jitter, a cap, and
@@ -37,13 +38,13 @@ from requests.adapters import HTTPAdapter
 from broker.errors import IncidentApiError, RoleMissing, UpstreamThrottled, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
 from broker.incidents.dialects import DEFENDER, DIALECTS, GRAPH, Dialect
+from broker.incidents.records import parse_incident_id
 from broker.incidents.ticks import format_ticks
 from broker.tenants import Tenant
 from broker.tokens import TokenIssuer
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[0-9]{1,20}$")
 _WINDOW = re.compile(r"per\s+(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
 MAX_RETRY_AFTER = 3600.0
 
@@ -184,8 +185,8 @@ class IncidentApiClient:
         self, tenant: Tenant, incident_id: str, counter: CallCounter, *, max_wait: float | None = None
     ) -> dict[str, Any] | None:
         """One incident by id (``None`` if the API does not know it)."""
-        if not _ID.fullmatch(incident_id):
-            raise IncidentApiError("an incident id from the API is not numeric", diagnostic=incident_id[:64])
+        if parse_incident_id(incident_id) != incident_id:
+            raise IncidentApiError("an incident id from the API is not usable", diagnostic=incident_id[:64])
         d = self.dialect(tenant)
         params = list(d.extra) or None
         try:
