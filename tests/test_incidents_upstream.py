@@ -11,10 +11,10 @@ import pytest
 import requests
 
 from broker import wiring
-from broker.errors import IncidentApiError, SyncBudgetExhausted, UpstreamUnavailable
+from broker.errors import IncidentApiError, SyncBudgetExhausted, UpstreamThrottled, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
 from broker.incidents.ticks import format_ticks, parse_ticks
-from broker.incidents.upstream import CallCounter, RetryPolicy, throttle_seconds
+from broker.incidents.upstream import CallCounter, IncidentApiClient, RetryPolicy, throttle_seconds
 from broker.settings import Settings
 from broker.storage import StorageAccount
 from broker.wiring import Container
@@ -185,3 +185,58 @@ def test_ties_larger_than_a_page_are_stepped_through(sandbox: Sandbox, container
     report = container.incidents.run(tenant)
     assert report.outcome == "complete"
     assert report.stored == 150
+
+
+QUOTA_BODY = '{"error": {"code": "429", "message": "API calls quota exceeded! maximum allowed 50 per 00:00:20"}}'
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "window"),
+    [({"Retry-After": "7"}, "{}", 7.0), ({}, QUOTA_BODY, 20.0)],
+    ids=["retry-after", "defender-body-window"],
+)
+def test_a_short_429_is_waited_out_in_process_through_the_sleep_seam(
+    sandbox: Sandbox, container: Container, headers: dict[str, str], body: str, window: float
+) -> None:
+    """A 429 whose window fits in max_wait is slept (through ``sleep=``) for exactly Retry-After, or the
+    window in Defender's body, before the one retry; with ``instant=True`` the same 429 is a deferral."""
+    tenant = _tenant(sandbox, container, 3)
+    clock = FakeClock()
+    waits: list[tuple[float, int]] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append((seconds, sandbox.recorder.total("defender") - before))
+        clock.sleep(seconds)
+
+    def client(retry: RetryPolicy) -> IncidentApiClient:
+        budget = CallBudget(lambda: container.storage.table("budget"), [(50, 60.0)], clock=clock, sleep=sleep)
+        return IncidentApiClient(
+            container.issuer,
+            budget,
+            defender_url=container.settings.defender_api_url,
+            graph_url=container.settings.graph_api_url,
+            retry=retry,
+            sleep=sleep,
+        )
+
+    def throttle() -> None:
+        fault = Fault(service="defender", status=429, body=body, headers=headers, path_contains="/api/incidents")
+        sandbox.recorder.inject(fault)
+
+    throttle()
+    before = sandbox.recorder.total("defender")
+    counter = CallCounter()
+    page = client(RetryPolicy(max_wait=30.0)).list_page(tenant, counter, low=0)
+    assert len(page.incidents) == 3
+    assert (counter.calls, counter.throttled) == (2, 1)
+    assert waits == [(window, 1)]  # one wait, after the throttled call and before the retry
+
+    clock.now += 3600  # the window above has passed
+    throttle()
+    waits.clear()
+    before = sandbox.recorder.total("defender")
+    with pytest.raises(UpstreamThrottled) as deferred:
+        client(RetryPolicy(max_wait=30.0, instant=True)).list_page(tenant, CallCounter(), low=0)
+    assert deferred.value.retry_after == int(window)
+    assert waits == []
+    assert sandbox.recorder.total("defender") - before == 1

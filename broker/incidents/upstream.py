@@ -18,7 +18,8 @@ these idempotent GETs only: connection errors, timeouts and 5xx, with full jitte
 ``Retry-After`` honoured; a 429 blocks the tenant's budget for the reset time — ``Retry-After`` or the
 window in Defender's body ("maximum allowed 50 per 00:01:00") — and is waited out in-process only when
 that is short (``RetryPolicy.max_wait``); otherwise ``UpstreamThrottled`` tells the sync to defer.
-``RetryPolicy(instant=True)`` makes every wait instant in tests.
+Every wait goes through the client's ``sleep`` seam; ``RetryPolicy(instant=True)`` removes the waits
+altogether (see its docstring: it turns them into deferrals, not into shorter sleeps).
 """
 
 from __future__ import annotations
@@ -51,7 +52,22 @@ MAX_RETRY_AFTER = 3600.0
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries for idempotent GETs: full jitter, capped; waits longer than ``max_wait`` are not slept."""
+    """Retries for idempotent GETs: ``attempts`` in all, full-jitter backoff from ``base`` capped at ``cap``
+    (or the server's ``Retry-After``); a wait longer than ``max_wait`` is never slept: the call fails
+    (connection errors, 5xx) or is deferred (429, spent budget) instead.
+
+    ``instant=True`` (tests) never sleeps, and it does *not* merely shorten the waits:
+
+    - a retry after a connection error or 5xx is sent at once (a pause above ``max_wait`` still ends
+      the retries, as without ``instant``);
+    - a 429 always raises ``UpstreamThrottled``, however short its ``Retry-After``;
+    - the call budget is asked with ``max_wait=0``, so a budget that needs any wait raises
+      ``SyncBudgetExhausted``.
+
+    Both exceptions make a sync run end ``deferred`` at its last checkpoint: under ``instant`` every
+    wait becomes a deferral. To exercise the waits themselves, keep ``instant=False`` and pass the
+    client a ``sleep=`` (and the budget a ``clock=``/``sleep=``) that records them.
+    """
 
     attempts: int = 4
     base: float = 0.5
