@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,7 +28,7 @@ from broker.incidents.budget import CallBudget
 from broker.incidents.checkpoint import SyncStateTable, TenantLease
 from broker.incidents.store import IncidentStore
 from broker.incidents.sync import IncidentSync, base64_queue
-from broker.incidents.upstream import IncidentApiClient
+from broker.incidents.upstream import IncidentApiClient, RetryPolicy
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
 from broker.policy import RateLimiter
 from broker.settings import Settings, SettingsError
@@ -84,17 +86,26 @@ def caller_authenticator(settings: Settings) -> Authenticator:
     return EntraAuthenticator(tenant_id=tenant, audiences=audiences, keys=keys)
 
 
-def incident_api(settings: Settings, storage: StorageAccount, issuer: TokenIssuer) -> IncidentApiClient:
+def incident_api(
+    settings: Settings, storage: StorageAccount, issuer: TokenIssuer, *, retry: RetryPolicy | None = None
+) -> IncidentApiClient:
     """The Defender/Graph client, spending the persisted per-tenant call budget."""
     budget = CallBudget(
         lambda: storage.table("syncbudget"),
         ((settings.sync_budget_per_minute, 60.0), (settings.sync_budget_per_hour, 3600.0)),
     )
-    return IncidentApiClient(issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url)
+    return IncidentApiClient(
+        issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url, retry=retry
+    )
 
 
 def incident_sync(
-    settings: Settings, storage: StorageAccount, tenants: TenantRegistry, api: IncidentApiClient
+    settings: Settings,
+    storage: StorageAccount,
+    tenants: TenantRegistry,
+    api: IncidentApiClient,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> IncidentSync:
     """The incident prefetch: the API client, blob + table store, queue."""
     return IncidentSync(
@@ -106,6 +117,7 @@ def incident_sync(
         queue=lambda: base64_queue(storage, settings.sync_queue),
         overlap_seconds=settings.sync_overlap_seconds,
         lookback_days=settings.sync_lookback_days,
+        clock=clock,
     )
 
 
@@ -124,8 +136,18 @@ def quiet_sdk_loggers() -> None:
         sdk.setLevel(logging.WARNING)
 
 
-def build(settings: Settings, *, bind_host: str | None = None) -> Container:
-    """Build every dependency from ``settings``. ``bind_host`` is the HTTP bind when serving with uvicorn."""
+def build(
+    settings: Settings,
+    *,
+    bind_host: str | None = None,
+    retry: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Container:
+    """Build every dependency from ``settings``. ``bind_host`` is the HTTP bind when serving with uvicorn.
+
+    ``retry`` (the incident APIs' retry policy) and ``clock`` (wall-clock time for token lifetimes, the
+    negative cache and sync state) are seams for tests; production passes neither.
+    """
     quiet_sdk_loggers()
     if settings.caller_auth == "none" and not (bind_host and is_loopback_host(bind_host)):
         raise SettingsError(["CALLER_AUTH: 'none' is accepted only when serving on a loopback address"])
@@ -155,12 +177,13 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
         credentials=credentials,
         scope_roles=settings.scope_roles,
         observer=health,
+        clock=clock,
     )
     authenticator = caller_authenticator(settings)
     if settings.caller_auth == "entra" and not settings.caller_policy.grants:
         log.warning("broker.start caller_policy=empty: every caller is refused until CALLER_POLICY grants access")
     tenants = TenantRegistry(lambda: storage.table("tenants"), cloud=settings.cloud)
-    api = incident_api(settings, storage, issuer)
+    api = incident_api(settings, storage, issuer, retry=retry)
     container = Container(
         settings=settings,
         identity=identity,
@@ -172,7 +195,7 @@ def build(settings: Settings, *, bind_host: str | None = None) -> Container:
         audit=AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode),
         callers=CallerSwitches(lambda: storage.table("callers")),
         limiter=RateLimiter(settings.caller_rate_per_minute),
-        incidents=incident_sync(settings, storage, tenants, api),
+        incidents=incident_sync(settings, storage, tenants, api, clock=clock),
         health=health,
         consent=ConsentLinks(
             ConsentStates(lambda: storage.table("consent"), ttl_seconds=settings.consent_link_ttl_hours * 3600),
@@ -222,6 +245,11 @@ def container() -> Container:
                     "the broker's settings are incomplete; operators: see the log", diagnostic=str(exc)
                 ) from exc
         return _container
+
+
+def current() -> Container | None:
+    """The process-wide container if one has been built or installed; ``None`` until then."""
+    return _container
 
 
 def install(new: Container | None) -> None:

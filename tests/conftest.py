@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,14 @@ import uvicorn
 
 from broker import wiring
 from broker.http.app import create_app
+from broker.incidents.upstream import RetryPolicy
 from broker.settings import Settings
 from broker.wiring import Container
 from sandbox.azurite import start_azurite
 from sandbox.server import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
+INSTANT = RetryPolicy(instant=True)  # waits become deferrals (see RetryPolicy)
 DEFENDER = "https://api.security.microsoft.com/.default"
 GRAPH = "https://graph.microsoft.com/.default"
 
@@ -132,12 +134,37 @@ class BrokerServer:
         return self.client.post("/api/token", json={"tenant": tenant, "scope": scope, **extra}, headers=headers)
 
 
-def start_broker(box: Sandbox, connection_string: str, *, tenants: bool = True, **overrides: str) -> BrokerServer:
+def build_container(
+    box: Sandbox,
+    connection_string: str,
+    *,
+    tenants: bool = False,
+    retry: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+    **overrides: str,
+) -> Container:
+    """The one way tests build the broker: the composition root (``wiring.build``) with the sandbox's
+    settings, Azurite and a fresh storage prefix (``overrides`` win). ``tenants`` registers the sandbox's
+    demo tenants; ``retry`` and ``clock`` are the root's seams."""
     env = broker_environment(box, connection_string, **overrides)
-    container = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
+    container = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1", retry=retry, clock=clock)
     if tenants:
         for tenant in box.directory.customer_tenants():
             container.tenants.add(tenant.name, tenant.tenant_id)
+    return container
+
+
+def start_broker(
+    box: Sandbox,
+    connection_string: str,
+    *,
+    tenants: bool = True,
+    retry: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+    **overrides: str,
+) -> BrokerServer:
+    """A broker from :func:`build_container`, served over real HTTP."""
+    container = build_container(box, connection_string, tenants=tenants, retry=retry, clock=clock, **overrides)
     return BrokerServer(container).start()
 
 

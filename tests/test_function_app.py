@@ -69,7 +69,7 @@ def test_host_json_gives_fastapi_the_whole_path() -> None:
 def test_importing_function_app_reads_no_settings() -> None:
     """Import with an empty environment: no settings are needed until the first request."""
     proc = subprocess.run(
-        [sys.executable, "-c", "import function_app, broker.wiring as w; assert w._container is None"],
+        [sys.executable, "-c", "import function_app, broker.wiring as w; assert w.current() is None"],
         cwd=ROOT,
         env={"PATH": os.environ.get("PATH", "")},
         capture_output=True,

@@ -3,6 +3,7 @@ in Azurite through the Azure SDKs, read back through the broker's HTTP API."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,28 +17,22 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobLeaseClient
+from conftest import INSTANT, ROOT, BrokerServer, broker_environment, build_container, start_broker
 
-from broker import wiring
 from broker.errors import RoleMissing, SyncInProgress, UpstreamUnavailable
 from broker.incidents.checkpoint import SyncState
-from broker.incidents.sync import MAX_DEQUEUE_COUNT, IncidentSync
+from broker.incidents.sync import MAX_DEQUEUE_COUNT
 from broker.incidents.ticks import format_ticks, parse_ticks
-from broker.incidents.upstream import RetryPolicy
-from broker.settings import Settings
 from broker.tenants import Tenant
 from broker.wiring import Container
 from sandbox.server import Sandbox
 from sandbox.state import Fault
-from tests.conftest import ROOT, BrokerServer, broker_environment, start_broker
 
 SYNC = {"SYNC_LOOKBACK_DAYS": "3650"}
 
 
 def build(sandbox: Sandbox, azurite: str, **overrides: str) -> Container:
-    env = broker_environment(sandbox, azurite, **{**SYNC, **overrides})
-    c = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
-    c.incidents.api.retry = RetryPolicy(instant=True)
-    return c
+    return build_container(sandbox, azurite, retry=INSTANT, **{**SYNC, **overrides})
 
 
 @pytest.fixture
@@ -226,8 +221,8 @@ def test_a_run_killed_after_page_k_resumes_and_ends_equal_to_the_truth(sandbox: 
 @pytest.mark.slow
 def test_a_killed_sync_process_loses_nothing(sandbox: Sandbox, azurite: str, tmp_path: Any) -> None:
     """`python -m broker sync` killed mid-run (SIGKILL), then run again: the store equals the truth."""
-    env = broker_environment(sandbox, azurite, **SYNC)
-    c = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
+    c = build(sandbox, azurite)
+    env = broker_environment(sandbox, azurite, STORAGE_PREFIX=c.storage.prefix, **SYNC)
     try:
         tenant = new_tenant(sandbox, c, 900, alerts_per_incident=1)
         sandbox.recorder.set_latency("defender", 0.25)
@@ -251,7 +246,6 @@ def test_a_killed_sync_process_loses_nothing(sandbox: Sandbox, azurite: str, tmp
         state = c.incidents.state.load(tenant.tenant_id)
         assert state.pending is not None
         # The dead process's lease would expire within 60 s; break it instead of waiting.
-        c.incidents.api.retry = RetryPolicy(instant=True)
         assert c.incidents.run(tenant).outcome == "busy"
         blob = c.storage.container("sync").get_blob_client(f"leases/{tenant.tenant_id}")
         BlobLeaseClient(blob).break_lease(lease_break_period=0)
@@ -288,12 +282,9 @@ def test_two_concurrent_runs_for_one_tenant_cannot_interleave(sandbox: Sandbox, 
 def test_the_budget_holds_across_instances_and_the_api_never_sees_it_exceeded(sandbox: Sandbox, azurite: str) -> None:
     """SYNC_BUDGET_PER_MINUTE=5: a run spends 5 calls and defers; another instance sharing the storage gets
     none; the sandbox never saw more than 5 calls in any minute."""
-    env = broker_environment(sandbox, azurite, SYNC_BUDGET_PER_MINUTE="5", **SYNC)
-    one = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
-    two = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
+    one = build(sandbox, azurite, SYNC_BUDGET_PER_MINUTE="5")
+    two = build(sandbox, azurite, SYNC_BUDGET_PER_MINUTE="5", STORAGE_PREFIX=one.storage.prefix)
     try:
-        for c in (one, two):
-            c.incidents.api.retry = RetryPolicy(instant=True)
         tenant = new_tenant(sandbox, one, 900, alerts_per_incident=1)
         first = one.incidents.run(tenant)
         assert first.outcome == "deferred"
@@ -359,26 +350,25 @@ def test_queue_failures_are_recorded_and_marked_poisoned_at_the_max_dequeue(
     assert container.incidents.handle_message(b"not json", 1) is None
 
 
-def test_the_timer_fans_out_one_base64_message_per_enabled_tenant(sandbox: Sandbox, container: Container) -> None:
+def test_the_timer_fans_out_one_base64_message_per_enabled_tenant(sandbox: Sandbox, azurite: str) -> None:
     """The queue trigger decodes base64 by default: messages are sent that way, one per enabled tenant."""
-    a, b = new_tenant(sandbox, container, 0), new_tenant(sandbox, container, 0)
-    container.tenants.set_enabled(b.name, False)
     queue_name = "q" + uuid.uuid4().hex[:12]
-    sync: IncidentSync = container.incidents
-    from broker.incidents.sync import base64_queue
-
-    sync._queue = lambda: base64_queue(container.storage, queue_name)
-    assert sync.fan_out() == len([t for t in container.tenants.all() if t.enabled])
-    raw = container.storage.queue(queue_name).receive_messages(max_messages=32, visibility_timeout=5)
-    bodies = [json.loads(__import__("base64").b64decode(m.content)) for m in raw]
+    c = build(sandbox, azurite, INCIDENT_SYNC_QUEUE=queue_name)
+    try:
+        a, b = new_tenant(sandbox, c, 0), new_tenant(sandbox, c, 0)
+        c.tenants.set_enabled(b.name, False)
+        assert c.incidents.fan_out() == len([t for t in c.tenants.all() if t.enabled])
+        raw = c.storage.queue(queue_name).receive_messages(max_messages=32, visibility_timeout=5)
+        bodies = [json.loads(base64.b64decode(m.content)) for m in raw]
+    finally:
+        c.close()
     assert {"tenant": a.tenant_id} in bodies
     assert {"tenant": b.tenant_id} not in bodies
 
 
 @pytest.fixture
 def served(sandbox: Sandbox, azurite: str) -> Iterator[BrokerServer]:
-    server = start_broker(sandbox, azurite, tenants=False, **SYNC)
-    server.container.incidents.api.retry = RetryPolicy(instant=True)
+    server = start_broker(sandbox, azurite, tenants=False, retry=INSTANT, **SYNC)
     try:
         yield server
     finally:

@@ -3,24 +3,24 @@ and sliding windows shared by instances (Azurite, a fake clock)."""
 
 from __future__ import annotations
 
+import io
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
+from conftest import INSTANT, build_container
 
-from broker import wiring
 from broker.errors import IncidentApiError, SyncBudgetExhausted, UpstreamThrottled, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
 from broker.incidents.ticks import format_ticks, parse_ticks
 from broker.incidents.upstream import CallCounter, IncidentApiClient, RetryPolicy, throttle_seconds
-from broker.settings import Settings
 from broker.storage import StorageAccount
 from broker.wiring import Container
 from sandbox.server import Sandbox
 from sandbox.state import Fault
-from tests.conftest import broker_environment
 
 
 class FakeClock:
@@ -55,7 +55,7 @@ def test_timestamps_keep_microsoft_100ns_resolution() -> None:
 def _response(status: int, body: str, headers: dict[str, str] | None = None) -> requests.Response:
     r = requests.Response()
     r.status_code = status
-    r._content = body.encode()
+    r.raw = io.BytesIO(body.encode())
     r.headers.update(headers or {})
     return r
 
@@ -115,13 +115,26 @@ def test_a_429_blocks_the_tenant_for_every_instance(storage: StorageAccount) -> 
 
 @pytest.fixture
 def container(sandbox: Sandbox, azurite: str) -> Iterator[Container]:
-    env = broker_environment(sandbox, azurite, SYNC_LOOKBACK_DAYS="3650")
-    c = wiring.build(Settings.from_environ(env), bind_host="127.0.0.1")
-    c.incidents.api.retry = RetryPolicy(instant=True)
+    c = build_container(sandbox, azurite, retry=INSTANT, SYNC_LOOKBACK_DAYS="3650")
     try:
         yield c
     finally:
         c.close()
+
+
+def api_client(
+    c: Container, budget: CallBudget, *, retry: RetryPolicy = INSTANT, sleep: Callable[[float], None] = time.sleep
+) -> IncidentApiClient:
+    """The upstream client built through its constructor, on the container's token issuer and settings,
+    with a budget (and sleep) the test can read."""
+    return IncidentApiClient(
+        c.issuer,
+        budget,
+        defender_url=c.settings.defender_api_url,
+        graph_url=c.settings.graph_api_url,
+        retry=retry,
+        sleep=sleep,
+    )
 
 
 def _tenant(sandbox: Sandbox, c: Container, count: int) -> Any:
@@ -135,11 +148,12 @@ def test_5xx_is_retried_then_served(sandbox: Sandbox, container: Container) -> N
     """Two 503s then a page: three calls, each taken from the budget."""
     tenant = _tenant(sandbox, container, 3)
     sandbox.recorder.inject(Fault(service="defender", status=503, path_contains="/api/incidents", times=2))
+    budget = CallBudget(lambda: container.storage.table("budget"), [(50, 60.0)])
     counter = CallCounter()
-    page = container.incidents.api.list_page(tenant, counter, low=0)
+    page = api_client(container, budget).list_page(tenant, counter, low=0)
     assert len(page.incidents) == 3
     assert counter.calls == 3
-    assert container.incidents.api._budget.used(tenant.tenant_id)[0] == 3
+    assert budget.used(tenant.tenant_id) == [3]
 
 
 def test_persistent_5xx_gives_up_after_the_attempts(sandbox: Sandbox, container: Container) -> None:
@@ -210,14 +224,7 @@ def test_a_short_429_is_waited_out_in_process_through_the_sleep_seam(
 
     def client(retry: RetryPolicy) -> IncidentApiClient:
         budget = CallBudget(lambda: container.storage.table("budget"), [(50, 60.0)], clock=clock, sleep=sleep)
-        return IncidentApiClient(
-            container.issuer,
-            budget,
-            defender_url=container.settings.defender_api_url,
-            graph_url=container.settings.graph_api_url,
-            retry=retry,
-            sleep=sleep,
-        )
+        return api_client(container, budget, retry=retry, sleep=sleep)
 
     def throttle() -> None:
         fault = Fault(service="defender", status=429, body=body, headers=headers, path_contains="/api/incidents")

@@ -1,8 +1,11 @@
-"""The package boundaries hold: the broker and the stand-ins never import each other."""
+"""The package boundaries hold: the broker and the stand-ins never import each other; only ``broker/http/``
+touches FastAPI or Starlette; no module imports another module's private names; and tests reach behaviour
+through constructors and the composition root rather than private attributes."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +48,63 @@ def test_only_the_orchestrator_joins_the_broker_to_the_sandbox() -> None:
     found = imports_of("devrun")
     joined = set().union(*found.values())
     assert {"broker", "sandbox"} <= joined
+
+
+WEB_FRAMEWORKS = ("fastapi", "starlette")
+
+
+def _modules(*folders: str) -> Iterator[tuple[Path, ast.Module]]:
+    """Each Python file under ``folders`` and its syntax tree."""
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _imports(tree: ast.Module) -> Iterator[tuple[str, list[str]]]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module, [alias.name for alias in node.names]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_only_the_http_package_imports_the_web_framework() -> None:
+    """The boundary to HTTP shows in the folder names: everything outside broker/http knows nothing of it."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for path, tree in _modules("broker")
+        if ROOT / "broker" / "http" not in path.parents
+        for module, _ in _imports(tree)
+        if module.split(".")[0] in WEB_FRAMEWORKS
+    ]
+    assert offenders == []
+    assert (ROOT / "function_app.py").read_text().count("fastapi") == 0
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """``from x import _y`` (or ``import x._y``) couples to what ``x`` keeps free to change."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module} {names}"
+        for path, tree in _modules("broker", "tests")
+        for module, names in _imports(tree)
+        if any(_private(part) for part in module.split(".")) or any(_private(n) for n in names)
+    ]
+    assert offenders == []
+
+
+def test_tests_reach_no_private_attribute() -> None:
+    """Tests use constructor seams (``clock=``, ``sleep=``, ``retry=``) and the composition root, not ``obj._x``."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr}"
+        for path, tree in _modules("tests")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and _private(node.attr)
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]
+    assert offenders == []

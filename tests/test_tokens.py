@@ -13,9 +13,19 @@ import httpx
 import pytest
 from conftest import DEFENDER, GRAPH, BrokerServer, decode_claims, start_broker
 
-from broker.tokens import IdentityHttpClient, TokenIssuer
+from broker.tokens import NEGATIVE_CACHE_SECONDS, IdentityHttpClient, TokenIssuer
 from sandbox.server import Sandbox
 from sandbox.state import Fault
+
+
+class ShiftedClock:
+    """Wall-clock time moved forward by ``offset`` seconds: the issuer's ``clock=`` seam."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
 
 
 def new_tenant(sandbox: Sandbox, broker: BrokerServer, **kwargs: object) -> tuple[str, str]:
@@ -163,16 +173,23 @@ def test_missing_consent_gives_the_admin_consent_link(broker: BrokerServer, sand
     assert "AADSTS" not in str(body)
 
 
-def test_consent_granted_later_is_picked_up_without_a_restart(broker: BrokerServer, sandbox: Sandbox) -> None:
-    """MSAL replays a 400 for 60 s; the broker drops that tenant's MSAL app so consent takes effect sooner."""
-    name, tid = new_tenant(sandbox, broker, consented=False)
-    problem(broker.token(name), 409, "consent_required")
-    problem(broker.token(name), 409, "consent_required")
-    assert sandbox.recorder.count(f"entra.token:{tid}") == 1, "a refused tenant is answered from memory"
-    sandbox.directory.grant_consent(tid)
-    refused = broker.container.issuer._refused[tid]
-    broker.container.issuer._refused[tid] = (0.0, refused[1])  # the pause (10 s) has passed
-    assert broker.token(name).status_code == 200
+def test_consent_granted_later_is_picked_up_without_a_restart(sandbox: Sandbox, azurite: str) -> None:
+    """MSAL replays a 400 for 60 s; the broker drops that tenant's MSAL app so consent takes effect sooner:
+    a refusal is answered from memory for NEGATIVE_CACHE_SECONDS of the issuer's clock, then asked again."""
+    clock = ShiftedClock()
+    server = start_broker(sandbox, azurite, clock=clock)
+    try:
+        name, tid = new_tenant(sandbox, server, consented=False)
+        problem(server.token(name), 409, "consent_required")
+        problem(server.token(name), 409, "consent_required")
+        assert sandbox.recorder.count(f"entra.token:{tid}") == 1, "a refused tenant is answered from memory"
+        sandbox.directory.grant_consent(tid)
+        problem(server.token(name), 409, "consent_required")  # still inside the pause
+        clock.offset += NEGATIVE_CACHE_SECONDS + 1
+        assert server.token(name).status_code == 200
+        assert sandbox.recorder.count(f"entra.token:{tid}") == 2
+    finally:
+        server.stop()
 
 
 def test_a_tenant_entra_does_not_know(broker: BrokerServer, sandbox: Sandbox) -> None:
