@@ -59,12 +59,14 @@ def test_a_state_redeems_once_for_the_tenant_it_was_made_for(table: CountingTabl
         states.redeem(state)
 
 
-def test_altered_forged_and_missing_states_are_refused_without_a_storage_call(table: CountingTable) -> None:
+def test_altered_forged_and_missing_states_are_refused_without_a_storage_call(
+    table: CountingTable, azurite: str
+) -> None:
     """Every altered character, a state from another key, garbage: refused from memory."""
     states = ConsentStates(lambda: table, ttl_seconds=3600)  # type: ignore[arg-type,return-value]
     state, _ = states.issue("contoso", TENANT)
-    other = ConsentStates(lambda: table, ttl_seconds=3600)  # type: ignore[arg-type,return-value]
-    other._key = b"k" * 32  # another broker's key
+    elsewhere = StorageAccount(StorageSettings(Secret(azurite), None, "c" + uuid.uuid4().hex[:10]))
+    other = ConsentStates(lambda: elsewhere.table("consent"), ttl_seconds=3600)  # another broker, its own key
     forged, _ = other.issue("contoso", TENANT)
     before = table.calls
     flips = [state[:i] + ("A" if state[i] != "A" else "B") + state[i + 1 :] for i in range(0, len(state), 7)]
