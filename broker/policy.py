@@ -223,6 +223,15 @@ def _tenant_ref(value: object) -> tuple[str, str] | None:
     return ("name", ref) if is_tenant_name(ref) and not guid_shaped(ref) else None
 
 
+def _list_of(entry: dict[str, Any], key: str, where: str, problems: list[str]) -> list[Any]:
+    """``entry[key]`` if it is a list (absent: empty); otherwise a problem, and nothing."""
+    value = entry.get(key, [])
+    if isinstance(value, list):
+        return value
+    problems.append(f"{where}: {key!r} must be a list")
+    return []
+
+
 def _entry(
     index: int,
     entry: object,
@@ -247,13 +256,9 @@ def _entry(
         problems.append(f"{where}: needs 'object_id' or 'app_id' (the caller identity's GUID)")
     for key, value in (("object_id", object_id), ("app_id", app_id)):
         if value is not None and parse_guid(value) is None:
-            problems.append(f"{where}: {key} {value!r} is not a lowercase GUID")
+            problems.append(f"{where}: {key} {value!r} is not a GUID")
     tenants: set[tuple[str, str]] = set()
-    raw_tenants = entry.get("tenants", [])
-    if not isinstance(raw_tenants, list):
-        problems.append(f"{where}: 'tenants' must be a list")
-        raw_tenants = []
-    for ref in raw_tenants:
+    for ref in _list_of(entry, "tenants", where, problems):
         if isinstance(ref, str) and ref.startswith("group:"):
             group = ref.removeprefix("group:")
             if group not in groups:
@@ -267,11 +272,7 @@ def _entry(
         else:
             tenants.add(tenant)
     scopes: set[str] = set()
-    raw_scopes = entry.get("scopes", [])
-    if not isinstance(raw_scopes, list):
-        problems.append(f"{where}: 'scopes' must be a list")
-        raw_scopes = []
-    for scope in raw_scopes:
+    for scope in _list_of(entry, "scopes", where, problems):
         if scope != "*" and scope not in allowed_scopes:
             problems.append(f"{where}: scope {scope!r} is not in ALLOWED_SCOPES")
         else:
