@@ -11,52 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def imports_of(*paths: str) -> dict[str, set[str]]:
-    """Each Python file under ``paths`` (relative to the repository) → the top-level packages it imports."""
-    found: dict[str, set[str]] = {}
+def _modules(*paths: str) -> Iterator[tuple[Path, ast.Module]]:
+    """Each Python file under ``paths`` (folders, or files ending .py) and its syntax tree."""
     for top in paths:
-        files = [ROOT / top] if top.endswith(".py") else sorted((ROOT / top).rglob("*.py"))
-        for path in files:
-            tops: set[str] = set()
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    tops.update(alias.name.split(".")[0] for alias in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    tops.add(node.module.split(".")[0])
-            found[str(path.relative_to(ROOT))] = tops
-    return found
-
-
-def test_the_broker_imports_no_stand_in_benchmark_or_orchestrator() -> None:
-    """broker/ and function_app.py import nothing from sandbox/, devrun/, bench/ or tests/."""
-    found = imports_of("broker", "function_app.py")
-    assert len(found) > 10
-    leaks = {path: tops & {"sandbox", "devrun", "bench", "tests"} for path, tops in found.items()}
-    assert {path: tops for path, tops in leaks.items() if tops} == {}
-
-
-def test_the_sandbox_never_imports_the_broker() -> None:
-    """The stand-ins play Microsoft's services: they import nothing from broker/, devrun/ or bench/."""
-    found = imports_of("sandbox")
-    assert len(found) > 10
-    leaks = {path: tops & {"broker", "function_app", "devrun", "bench", "tests"} for path, tops in found.items()}
-    assert {path: tops for path, tops in leaks.items() if tops} == {}
-
-
-def test_only_the_orchestrator_joins_the_broker_to_the_sandbox() -> None:
-    """devrun/ (what `make run` starts) imports both; the check above would see it if it lived in sandbox/."""
-    found = imports_of("devrun")
-    joined = set().union(*found.values())
-    assert {"broker", "sandbox"} <= joined
-
-
-WEB_FRAMEWORKS = ("fastapi", "starlette")
-
-
-def _modules(*folders: str) -> Iterator[tuple[Path, ast.Module]]:
-    """Each Python file under ``folders`` and its syntax tree."""
-    for folder in folders:
-        for path in sorted((ROOT / folder).rglob("*.py")):
+        for path in [ROOT / top] if top.endswith(".py") else sorted((ROOT / top).rglob("*.py")):
             yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
@@ -71,6 +29,39 @@ def _imports(tree: ast.Module) -> Iterator[tuple[str, list[str]]]:
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
+
+
+def _top_packages(*paths: str) -> dict[str, set[str]]:
+    """Each Python file under ``paths`` (folders, or files ending .py) → the top-level packages it imports."""
+    return {
+        str(path.relative_to(ROOT)): {module.split(".")[0] for module, _ in _imports(tree)}
+        for path, tree in _modules(*paths)
+    }
+
+
+def test_the_broker_imports_no_stand_in_benchmark_or_orchestrator() -> None:
+    """broker/ and function_app.py import nothing from sandbox/, devrun/, bench/ or tests/."""
+    found = _top_packages("broker", "function_app.py")
+    assert len(found) > 10
+    leaks = {path: tops & {"sandbox", "devrun", "bench", "tests"} for path, tops in found.items()}
+    assert {path: tops for path, tops in leaks.items() if tops} == {}
+
+
+def test_the_sandbox_never_imports_the_broker() -> None:
+    """The stand-ins play Microsoft's services: they import nothing from broker/, devrun/ or bench/."""
+    found = _top_packages("sandbox")
+    assert len(found) > 10
+    leaks = {path: tops & {"broker", "function_app", "devrun", "bench", "tests"} for path, tops in found.items()}
+    assert {path: tops for path, tops in leaks.items() if tops} == {}
+
+
+def test_only_the_orchestrator_joins_the_broker_to_the_sandbox() -> None:
+    """devrun/ (what `make run` starts) imports both; the check above would see it if it lived in sandbox/."""
+    joined = set().union(*_top_packages("devrun").values())
+    assert {"broker", "sandbox"} <= joined
+
+
+WEB_FRAMEWORKS = ("fastapi", "starlette")
 
 
 def test_only_the_http_package_imports_the_web_framework() -> None:
@@ -90,7 +81,7 @@ def test_no_module_imports_another_modules_private_names() -> None:
     """``from x import _y`` (or ``import x._y``) couples to what ``x`` keeps free to change."""
     offenders = [
         f"{path.relative_to(ROOT)}: {module} {names}"
-        for path, tree in _modules("broker", "tests")
+        for path, tree in _modules("broker", "function_app.py", "sandbox", "devrun", "tests")
         for module, names in _imports(tree)
         if any(_private(part) for part in module.split(".")) or any(_private(n) for n in names)
     ]
