@@ -39,7 +39,7 @@ test: deps
 test-fast: deps
 	$(PY) -m pytest -m "not slow"
 
-## Style, formatting, types (mypy --strict over broker/, function_app.py, sandbox/, bench/), and offline
+## Style, formatting, types (mypy --strict over the files [tool.mypy] lists in pyproject.toml), and offline
 ## validation of the Bicep templates.
 lint: deps $(INFRA_VENV)/.installed
 	$(VENV)/bin/ruff check .
