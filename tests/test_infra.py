@@ -315,10 +315,14 @@ def provision(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
             params[name] = defaults(parameter["default"])
         else:
             raise AssertionError(f"azd would prompt for {name}: the environment does not give it")
-    for name, value in params.items():
+    for name, value in params.items():  # ARM checks the decorators before it creates anything
         bounds = {d["type"]: d["argument"] for d in main_parameters()[name].get("decorators", [])}
-        if isinstance(value, str) and not bounds.get("min_length", 0) <= len(value) <= bounds.get("max_length", 1e9):
-            raise ValueError(f"ARM rejects {name}={value!r}: length outside {bounds}")
+        size = len(value) if isinstance(value, str) else value if isinstance(value, int) else None
+        low, high = ("min_length", "max_length") if isinstance(value, str) else ("min_value", "max_value")
+        if size is not None and not bounds.get(low, size) <= size <= bounds.get(high, size):
+            raise ValueError(f"ARM rejects {name}={value!r}: outside {bounds}")
+        if "allowed" in bounds and value not in bounds["allowed"]:
+            raise ValueError(f"ARM rejects {name}={value!r}: not one of {bounds['allowed']}")
     return params, Evaluator(params)(app_settings_expression())
 
 
@@ -497,6 +501,10 @@ def test_guid_parameters_are_validated_before_anything_is_created() -> None:
         assert bounds.get("max_length") == 36, name
     with pytest.raises(ValueError, match="brokerClientId"):
         provision({**AZD_ENV, "BROKER_CLIENT_ID": "not-set-yet"})
+    with pytest.raises(ValueError, match="callerTenantId"):
+        provision({**AZD_ENV, "CALLER_TENANT_ID": "contoso.onmicrosoft.com"})
+    with pytest.raises(ValueError, match="credentialMode"):
+        provision({**AZD_ENV, "CLIENT_CREDENTIAL_MODE": "password"})
     params, _ = provision(AZD_ENV)
     assert params["callerTenantId"] == TENANT  # the default: the deployment's own tenant
 
