@@ -6,7 +6,7 @@ recorded in the audit log and waited for, and only then made: a change the log c
 again, as failed, so the log never shows a change as made without saying that it did not happen.
 
 The record of a change is ``action=admin``, ``outcome=allowed``, ``code=ok`` and a reason naming the
-change (``tenant_add``, ``tenant_disable``, ``tenant_enable``, ``tenant_remove``, or
+change (``tenant_add``, ``tenant_configure``, ``tenant_disable``, ``tenant_enable``, ``tenant_remove``, or
 ``caller_disable:<id>`` / ``caller_enable:<id>``), with the tenant's GUID and name in their own fields
 and the operator (the admin caller, or ``cli``) as the caller.
 """
@@ -55,6 +55,26 @@ class RegistryChanges:
             return self._tenants.add(proposed.name, proposed.tenant_id, api=api, defender_url=url)
 
         return self._apply("tenant_add", proposed, by, request_id, add)
+
+    def configure_tenant(
+        self,
+        name: str,
+        tenant_id: str,
+        *,
+        api: IncidentApi = "defender",
+        defender_url: str | None = None,
+        region: str | None = None,
+        by: Caller,
+        request_id: str = "-",
+    ) -> tuple[Tenant, bool]:
+        """Add a tenant or change its incident API and Defender host (``TenantRegistry.configure``)."""
+        url = self._tenants.regional_url(region, defender_url)
+        proposed = Tenant(name=name.lower(), tenant_id=canonical_guid(tenant_id), api=api, defender_url=url)
+
+        def configure() -> tuple[Tenant, bool]:
+            return self._tenants.configure(proposed.name, proposed.tenant_id, api=api, defender_url=url)
+
+        return self._apply("tenant_configure", proposed, by, request_id, configure)
 
     def set_tenant_enabled(self, reference: str, enabled: bool, *, by: Caller, request_id: str = "-") -> Tenant:
         tenant = self._tenants.resolve(reference)

@@ -95,7 +95,12 @@ def incident_api(
         ((settings.sync_budget_per_minute, 60.0), (settings.sync_budget_per_hour, 3600.0)),
     )
     return IncidentApiClient(
-        issuer, budget, defender_url=settings.defender_api_url, graph_url=settings.graph_api_url, retry=retry
+        issuer,
+        budget,
+        defender_url=settings.defender_api_url,
+        graph_url=settings.graph_api_url,
+        cloud=settings.cloud,
+        retry=retry,
     )
 
 

@@ -40,7 +40,7 @@ from sandbox.managed_identity import MI_PATH, create_managed_identity_app
 from sandbox.security.apis import create_defender_app, create_graph_app
 from sandbox.security.control import security_control_routes
 from sandbox.security.world import IncidentWorld
-from sandbox.state import Recorder
+from sandbox.state import CountHosts, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,8 @@ class Sandbox:
             "mi": create_managed_identity_app(d, r, self.identity_header),
         }
         verify = self._verify_for_cloud
-        apps["defender"] = create_defender_app(self.incidents, r, verify)
-        apps["graph"] = create_graph_app(self.incidents, r, verify)
+        apps["defender"] = CountHosts(create_defender_app(self.incidents, r, verify), "defender", r)
+        apps["graph"] = CountHosts(create_graph_app(self.incidents, r, verify), "graph", r)
         if self.seeded:
             for tenant in d.customer_tenants():
                 self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)

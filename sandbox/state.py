@@ -105,7 +105,8 @@ class FaultsAndLatency:
     """Pure ASGI wrapper: serve an injected :class:`Fault` or add the service's latency, then the app.
 
     A served fault counts as ``"<service>.fault"`` so that ``Recorder.total`` still sees every request.
-    The fault is matched against the path plus the query string (``/msi/token?resource=...``).
+    The fault is matched against the path plus the query string (``/msi/token?resource=...``). Every
+    request is also counted by its ``Host`` (:func:`count_host`).
     """
 
     def __init__(self, app: Any, service: str, recorder: Recorder) -> None:
@@ -117,6 +118,7 @@ class FaultsAndLatency:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        count_host(self.recorder, self.service, scope)
         target = scope.get("path", "")
         query = scope.get("query_string", b"")
         if query:
@@ -134,3 +136,25 @@ class FaultsAndLatency:
         headers += [(k.lower().encode(), v.encode()) for k, v in fault.headers.items()]
         await send({"type": "http.response.start", "status": fault.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def count_host(recorder: Recorder, service: str, scope: Any) -> None:
+    """Count a request under ``"<service>.host:<Host header>"``: a test can tell which name a client used
+    for the same stand-in (``127.0.0.1:port`` or ``localhost:port``, e.g. a tenant's regional host). The
+    ``:`` keeps it out of ``Recorder.total``."""
+    host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"-").decode("latin-1")
+    recorder.hit(f"{service}.host:{host.lower()}")
+
+
+class CountHosts:
+    """Pure ASGI wrapper for a stand-in with its own fault handling: only :func:`count_host`."""
+
+    def __init__(self, app: Any, service: str, recorder: Recorder) -> None:
+        self.app = app
+        self.service = service
+        self.recorder = recorder
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            count_host(self.recorder, self.service, scope)
+        await self.app(scope, receive, send)

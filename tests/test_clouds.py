@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import decode_claims, start_broker
+from conftest import INSTANT, build_container, decode_claims, start_broker
 
 from broker.clouds import CLOUDS
+from broker.errors import NotConfigured
 from broker.settings import Settings, SettingsError
 from sandbox.directory import Directory
 from sandbox.server import Sandbox
@@ -258,3 +259,34 @@ def test_federated_mode_uses_the_clouds_exchange_audience(cloud_box: Sandbox, az
         assert response.json()["code"] == "credential_unavailable"
     finally:
         wrong.stop()
+
+
+def test_incident_sync_asks_for_the_clouds_scopes(cloud_box: Sandbox, azurite: str) -> None:
+    """The sync's tokens are for the cloud's Defender or Graph resource (the stand-ins accept no other); a
+    Defender tenant in a cloud without a Defender API fails as not configured, sending nothing."""
+    cloud = CLOUDS[cloud_box.directory.shape.name]
+    c = build_container(cloud_box, azurite, retry=INSTANT, SYNC_LOOKBACK_DAYS="3650")
+    try:
+        contoso = cloud_box.directory.tenant("contoso")
+        assert contoso is not None
+        api = "defender" if cloud.defender_url else "graph"
+        tenant = c.tenants.add("contoso", contoso.tenant_id, api=api)  # type: ignore[arg-type]
+        report = c.incidents.run(tenant)
+        assert report.outcome == "complete", report
+        assert report.stored == len(cloud_box.incidents.truth(contoso.tenant_id))
+        if not cloud.defender_url:
+            fabrikam = cloud_box.directory.tenant("fabrikam")
+            assert fabrikam is not None
+            before = (
+                cloud_box.recorder.total("defender"),
+                cloud_box.recorder.count(f"entra.token:{fabrikam.tenant_id}"),
+            )
+            with pytest.raises(NotConfigured, match="no defender API"):
+                c.incidents.run(c.tenants.add("fabrikam", fabrikam.tenant_id, api="defender"))
+            after = (
+                cloud_box.recorder.total("defender"),
+                cloud_box.recorder.count(f"entra.token:{fabrikam.tenant_id}"),
+            )
+            assert after == before
+    finally:
+        c.close()

@@ -1,14 +1,17 @@
-"""Admin routes: the audit query and the kill switches. Every route needs an admin caller (the
-``Broker.Admin`` app role and ``"admin": true`` in ``CALLER_POLICY``), and every change is audited."""
+"""Admin routes: the audit query, the kill switches, and adding or changing a tenant
+(``PUT /api/admin/tenants/{name}`` with ``{"tenant_id", "api", "region" | "defender_url"}``). Every route
+needs an admin caller (the ``Broker.Admin`` app role and ``"admin": true`` in ``CALLER_POLICY``), and every
+change is audited."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from broker.audit import parse_moment
@@ -16,12 +19,25 @@ from broker.callers import Caller, normalize_principal
 from broker.changes import RegistryChanges
 from broker.errors import BadRequest, BrokerError, UnknownTenant
 from broker.http import access
+from broker.http.bodies import json_body
 from broker.http.summary import request_id, summarised
 from broker.tenants import is_tenant_guid, normalize_reference
 from broker.wiring import Container
 
 MAX_AUDIT_LIMIT = 1000
 MAX_AUDIT_DAYS = 93
+
+
+class TenantBody(BaseModel):
+    """The body of ``PUT /api/admin/tenants/{name}``: the tenant's GUID, its incident API, and where its
+    Defender XDR API lives (a region code the cloud documents, or a documented URL; neither: the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    api: Literal["defender", "graph"] = "defender"
+    region: Annotated[StrictStr, Field(min_length=1, max_length=16)] | None = None
+    defender_url: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
 
 
 def _changes(c: Container) -> RegistryChanges:
@@ -122,6 +138,37 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
                 return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
 
             fields["what"] = what = f"tenant_{verb}:{ref}"
+            result: dict[str, Any] = await run(request, what, work, change=True)
+            return result
+
+    @router.put("/api/admin/tenants/{name}")
+    async def put_tenant(request: Request, name: str) -> dict[str, Any]:
+        async with summary(request, "tenant_configure") as fields:
+            ref = normalize_reference(name)
+            if is_tenant_guid(ref):
+                raise BadRequest("a tenant is registered under a name; its GUID goes in the body")
+            body = await json_body(request, TenantBody)
+
+            def work(c: Container, caller: Caller) -> dict[str, Any]:
+                tenant, created = _changes(c).configure_tenant(
+                    ref,
+                    body.tenant_id,
+                    api=body.api,
+                    region=body.region,
+                    defender_url=body.defender_url,
+                    by=caller,
+                    request_id=request_id(request),
+                )
+                return {
+                    "tenant": tenant.name,
+                    "tenant_id": tenant.tenant_id,
+                    "api": tenant.api,
+                    "defender_url": tenant.defender_url or c.settings.defender_api_url or None,
+                    "enabled": tenant.enabled,
+                    "created": created,
+                }
+
+            fields["what"] = what = f"tenant_configure:{ref}"
             result: dict[str, Any] = await run(request, what, work, change=True)
             return result
 

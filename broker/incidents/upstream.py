@@ -36,12 +36,13 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from broker.errors import IncidentApiError, RoleMissing, UpstreamThrottled, UpstreamUnavailable
+from broker.clouds import CLOUDS, Cloud
+from broker.errors import IncidentApiError, NotConfigured, RoleMissing, UpstreamThrottled, UpstreamUnavailable
 from broker.incidents.budget import CallBudget
 from broker.incidents.dialects import DEFENDER, DIALECTS, GRAPH, Dialect
 from broker.incidents.records import parse_incident_id
 from broker.incidents.ticks import format_ticks
-from broker.tenants import Tenant
+from broker.tenants import Tenant, check_defender_url
 from broker.tokens import TokenIssuer
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class IncidentApiClient:
         *,
         defender_url: str,
         graph_url: str,
+        cloud: Cloud = CLOUDS["public"],
         retry: RetryPolicy | None = None,
         session: requests.Session | None = None,
         timeout: tuple[float, float] = (5.0, 60.0),
@@ -131,6 +133,8 @@ class IncidentApiClient:
         self._budget = budget
         self._defender_url = defender_url.rstrip("/")
         self._graph_url = graph_url.rstrip("/")
+        self._cloud = cloud
+        self._scopes = {"defender": cloud.defender_scope, "graph": cloud.graph_scope}
         self.retry = retry or RetryPolicy()
         if session is None:
             session = requests.Session()
@@ -147,11 +151,27 @@ class IncidentApiClient:
     def dialect(self, tenant: Tenant) -> Dialect:
         return DIALECTS[tenant.api]
 
+    def _scope(self, tenant: Tenant, d: Dialect) -> str:
+        """The token scope of a tenant's incident API in this cloud (none: that API does not exist here)."""
+        scope = self._scopes[d.name]
+        if not scope:
+            raise NotConfigured(f"the {self._cloud.name} cloud has no {d.name} API; sync {tenant.name} from Graph")
+        return scope
+
     def endpoint(self, tenant: Tenant) -> str:
-        """The list URL: settings (or the tenant's regional Defender host, itself checked) + a fixed path."""
+        """The list URL: settings (or the tenant's regional Defender host, checked again here against the
+        cloud, since a customer's token goes there) + a fixed path."""
         if tenant.api == "graph":
             return self._graph_url + GRAPH.path
-        return (tenant.defender_url or self._defender_url).rstrip("/") + DEFENDER.path
+        base = tenant.defender_url or self._defender_url
+        if not base:
+            raise NotConfigured(f"the {self._cloud.name} cloud has no Defender XDR API; sync {tenant.name} from Graph")
+        if tenant.defender_url:
+            try:
+                check_defender_url(tenant.defender_url, self._cloud)
+            except ValueError as exc:
+                raise NotConfigured(f"tenant {tenant.name} names a Defender host outside the cloud") from exc
+        return base.rstrip("/") + DEFENDER.path
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -225,7 +245,7 @@ class IncidentApiClient:
         attempt = 0
         while True:
             self._budget.take(tenant.tenant_id, max_wait=0.0 if self.retry.instant else limit)
-            token = self._issuer.acquire(tenant.tenant_id, d.scope)
+            token = self._issuer.acquire(tenant.tenant_id, self._scope(tenant, d))
             counter.calls += 1
             wait: float | None
             try:
