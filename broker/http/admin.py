@@ -112,34 +112,32 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
             result: dict[str, Any] = await run(request, "audit_query", work)
             return result
 
-    async def switch_caller(request: Request, principal: str, enabled: bool) -> dict[str, Any]:
+    async def switch(request: Request, kind: str, target: Callable[[], str], enabled: bool) -> dict[str, Any]:
+        """Turn a caller's or a tenant's kill switch: the change is recorded before it takes effect."""
         verb = "enable" if enabled else "disable"
-        async with summary(request, f"caller_{verb}") as fields:
+        async with summary(request, f"{kind}_{verb}") as fields:
+            ref = target()
+            fields["what"] = what = f"{kind}_{verb}:{ref}"
+
+            def work(c: Container, caller: Caller) -> dict[str, Any]:
+                changes, rid = _changes(c), request_id(request)
+                if kind == "caller":
+                    switch = changes.set_caller_enabled(ref, enabled, by=caller, request_id=rid)
+                    return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
+                tenant = changes.set_tenant_enabled(ref, enabled, by=caller, request_id=rid)
+                return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
+
+            result: dict[str, Any] = await run(request, what, work, change=True)
+            return result
+
+    def principal_of(raw: str) -> Callable[[], str]:
+        def check() -> str:
             try:
-                target = normalize_principal(principal)
+                return normalize_principal(raw)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from exc
 
-            def work(c: Container, caller: Caller) -> dict[str, Any]:
-                switch = _changes(c).set_caller_enabled(target, enabled, by=caller, request_id=request_id(request))
-                return {"caller": switch.principal, "enabled": switch.enabled, "updated_at": switch.updated_at}
-
-            fields["what"] = what = f"caller_{verb}:{target}"
-            result: dict[str, Any] = await run(request, what, work, change=True)
-            return result
-
-    async def switch_tenant(request: Request, name: str, enabled: bool) -> dict[str, Any]:
-        verb = "enable" if enabled else "disable"
-        async with summary(request, f"tenant_{verb}") as fields:
-            ref = normalize_reference(name)
-
-            def work(c: Container, caller: Caller) -> dict[str, Any]:
-                tenant = _changes(c).set_tenant_enabled(ref, enabled, by=caller, request_id=request_id(request))
-                return {"tenant": tenant.name, "tenant_id": tenant.tenant_id, "enabled": tenant.enabled}
-
-            fields["what"] = what = f"tenant_{verb}:{ref}"
-            result: dict[str, Any] = await run(request, what, work, change=True)
-            return result
+        return check
 
     @router.put("/api/admin/tenants/{name}")
     async def put_tenant(request: Request, name: str) -> dict[str, Any]:
@@ -174,18 +172,18 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
 
     @router.post("/api/admin/callers/{principal}/disable")
     async def disable_caller(request: Request, principal: str) -> dict[str, Any]:
-        return await switch_caller(request, principal, False)
+        return await switch(request, "caller", principal_of(principal), False)
 
     @router.post("/api/admin/callers/{principal}/enable")
     async def enable_caller(request: Request, principal: str) -> dict[str, Any]:
-        return await switch_caller(request, principal, True)
+        return await switch(request, "caller", principal_of(principal), True)
 
     @router.post("/api/admin/tenants/{name}/disable")
     async def disable_tenant(request: Request, name: str) -> dict[str, Any]:
-        return await switch_tenant(request, name, False)
+        return await switch(request, "tenant", lambda: normalize_reference(name), False)
 
     @router.post("/api/admin/tenants/{name}/enable")
     async def enable_tenant(request: Request, name: str) -> dict[str, Any]:
-        return await switch_tenant(request, name, True)
+        return await switch(request, "tenant", lambda: normalize_reference(name), True)
 
     return router
