@@ -64,15 +64,8 @@ class SecretVersion:
         return attrs
 
     def bundle(self, vault_url: str) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "value": self.value,
-            "id": f"{vault_url}/secrets/{self.name}/{self.version}",
-            "attributes": self.attributes(),
-            "tags": dict(self.tags),
-        }
-        if self.content_type:
-            body["contentType"] = self.content_type
-        return body
+        """The secret bundle a GET returns: the version's list item, with the value first."""
+        return {"value": self.value, **self.item(vault_url, with_version=True)}
 
     def item(self, vault_url: str, *, with_version: bool) -> dict[str, Any]:
         suffix = f"/{self.version}" if with_version else ""
