@@ -25,8 +25,9 @@ from broker.tokens import admin_consent_url
 _NO_LISTENER = "127.0.0.1"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, *, prog: str = "broker") -> int:
+    """The CLI: the ``broker`` command of an installed broker, and ``python -m broker`` in a checkout."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the HTTP API with uvicorn")

@@ -5,6 +5,7 @@ through constructors and the composition root rather than private attributes."""
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,3 +100,12 @@ def test_tests_reach_no_private_attribute() -> None:
         and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
     ]
     assert offenders == []
+
+
+def test_the_caller_client_imports_only_azure_requests_and_the_standard_library() -> None:
+    """client/ is a distribution of its own: it imports nothing from the broker, the stand-ins or the tests
+    (its one Azure dependency is azure-core, which its pyproject declares)."""
+    found = _top_packages("client/src")
+    assert len(found) >= 5
+    allowed = {"azure", "requests", "partner_broker_client", *sys.stdlib_module_names}
+    assert {path: tops - allowed for path, tops in found.items() if tops - allowed} == {}
