@@ -6,7 +6,8 @@ recorded in the audit log and waited for, and only then made: a change the log c
 again, as failed, so the log never shows a change as made without saying that it did not happen.
 
 The record of a change is ``action=admin``, ``outcome=allowed``, ``code=ok`` and a reason naming the
-change (``tenant_add``, ``tenant_configure``, ``tenant_disable``, ``tenant_enable``, ``tenant_remove``, or
+change (``tenant_add``, ``tenant_configure``, ``tenant_disable``, ``tenant_enable``, ``tenant_remove``,
+``tenant_onboarded``, or
 ``caller_disable:<id>`` / ``caller_enable:<id>``), with the tenant's GUID and name in their own fields
 and the operator (the admin caller, or ``cli``) as the caller.
 """
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CLI_OPERATOR = Caller(id="cli")
+#: Who marks a tenant onboarded: the doctor, once its checks pass (after consent, or when run by hand).
+DOCTOR = Caller(id="doctor")
 
 
 class RegistryChanges:
@@ -81,6 +84,15 @@ class RegistryChanges:
         verb = "enable" if enabled else "disable"
         return self._apply(
             f"tenant_{verb}", tenant, by, request_id, lambda: self._tenants.set_enabled(tenant.name, enabled)
+        )
+
+    def mark_onboarded(self, reference: str, *, by: Caller = DOCTOR, request_id: str = "-") -> Tenant:
+        """Record that the tenant's consent is proven (no record, no change when it already is)."""
+        tenant = self._tenants.resolve(reference)
+        if tenant.onboarded_at:
+            return tenant
+        return self._apply(
+            "tenant_onboarded", tenant, by, request_id, lambda: self._tenants.mark_onboarded(tenant.name)
         )
 
     def remove_tenant(self, reference: str, *, by: Caller, request_id: str = "-") -> Tenant:

@@ -138,7 +138,10 @@ class ConsentStates:
     def check(self, state: str | None) -> bytes:
         """The nonce of a well-formed, untampered, unexpired state; no storage call beyond the key."""
         if not state:
-            raise ConsentStateMissing("the answer carries no state; use a link the broker made")
+            raise ConsentStateMissing(
+                "the answer carries no state, so the broker cannot tell which tenant it is for (it did not come "
+                "from a link the broker made); if consent was granted, the partner's doctor check confirms it"
+            )
         match = _STATE.fullmatch(state) if len(state) <= MAX_STATE_LENGTH else None
         if match is None:
             raise ConsentStateInvalid("the state is not one the broker issued", diagnostic="state_malformed")

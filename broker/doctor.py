@@ -117,6 +117,7 @@ class Doctor:
         scope_roles: Mapping[str, str],
         api_scope: Callable[[Tenant], str],
         probe: Callable[[Tenant], int],
+        mark_onboarded: Callable[[str], object],
         health: Any = None,
     ) -> None:
         self._tenants = tenants
@@ -126,6 +127,7 @@ class Doctor:
         self._scope_roles = dict(scope_roles)
         self._api_scope = api_scope
         self._probe = probe
+        self._mark_onboarded = mark_onboarded
         self._health = health
 
     def run(self, reference: str) -> Report:
@@ -136,8 +138,8 @@ class Doctor:
         except BrokerError as exc:
             return Report(reference, "", (_fail("registry", exc),))
         report = self._run(tenant, steps)
-        if report.ok:
-            self._tenants.mark_onboarded(tenant.name)
+        if report.ok and not tenant.onboarded_at:
+            self._mark_onboarded(tenant.name)
         if self._health is not None:
             failure = report.first_failure
             if failure is None:
@@ -167,6 +169,8 @@ class Doctor:
 
         try:
             credential = self._credentials.refresh()
+            if callable(credential.value):
+                credential.value()  # federated: the managed identity must sign the app in now
             steps.append(Step("credential", "pass", f"read, version {credential.version[:12] or '-'}"))
         except BrokerError as exc:
             steps.append(_fail("credential", exc))

@@ -224,6 +224,10 @@ class FederatedCredentialSource:
     def refresh(self) -> AppCredential:
         return self._credential
 
+    def assertion_check(self) -> None:
+        """Raise unless the managed identity can sign the app in now (readiness; the doctor)."""
+        self._assertion()
+
 
 def certificate_credential(value: str, content_type: str | None, *, send_x5c: bool = False) -> CertificateCredential:
     """The signing credential in a Key Vault certificate secret (base64 PFX, or PEM with the key)."""

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import requests
 from azure.core.credentials import TokenCredential
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
+from broker import telemetry
 from broker.audit import AuditLog
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
+from broker.changes import RegistryChanges
 from broker.clouds import is_loopback_host
 from broker.consent import ConsentLinks, ConsentStates
 from broker.doctor import Doctor
@@ -30,7 +33,9 @@ from broker.incidents.store import IncidentStore
 from broker.incidents.sync import IncidentSync, base64_queue
 from broker.incidents.upstream import IncidentApiClient, RetryPolicy
 from broker.keyvault import CredentialSource, FederatedCredentialSource, KeyVaultCredentialSource, secret_client
+from broker.onboarding import Onboarding
 from broker.policy import RateLimiter
+from broker.readiness import Readiness, authority_metadata_check
 from broker.settings import Settings, SettingsError
 from broker.storage import StorageAccount
 from broker.tenants import TenantRegistry
@@ -55,8 +60,11 @@ class Container:
     health: HealthBook
     consent: ConsentLinks
     doctor: Doctor
+    readiness: Readiness
+    onboarding: Onboarding
 
     def close(self) -> None:
+        self.readiness.close()
         self.health.close()
         self.audit.close()
         self.incidents.close()
@@ -111,8 +119,9 @@ def incident_sync(
     api: IncidentApiClient,
     *,
     clock: Callable[[], float] = time.time,
+    health: HealthBook | None = None,
 ) -> IncidentSync:
-    """The incident prefetch: the API client, blob + table store, queue."""
+    """The incident prefetch: the API client, blob + table store, queue; each run reported to ``health``."""
     return IncidentSync(
         tenants=tenants,
         api=api,
@@ -123,7 +132,12 @@ def incident_sync(
         overlap_seconds=settings.sync_overlap_seconds,
         lookback_days=settings.sync_lookback_days,
         clock=clock,
+        observer=health,
     )
+
+
+def _discard(_: object) -> None:
+    """A readiness check only needs the call to succeed (a secret's value is dropped at once)."""
 
 
 def api_scope(settings: Settings, api_name: str) -> str:
@@ -156,25 +170,34 @@ def build(
     quiet_sdk_loggers()
     if settings.caller_auth == "none" and not (bind_host and is_loopback_host(bind_host)):
         raise SettingsError(["CALLER_AUTH: 'none' is accepted only when serving on a loopback address"])
+    telemetry.setup(settings.applicationinsights_connection_string)
     identity = azure_identity(settings)
     storage = StorageAccount(settings.storage, identity)
     credentials: CredentialSource
+    credential_check: tuple[str, Callable[[], None]]
     if settings.credential_mode == "federated":
         assert settings.managed_identity_client_id  # enforced by the settings parser
-        credentials = FederatedCredentialSource(
+        federated = FederatedCredentialSource(
             ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
             settings.cloud.token_exchange_audience,
         )
+        credentials = federated
+        credential_check = ("managed_identity", federated.assertion_check)
     else:
-        credentials = KeyVaultCredentialSource(
-            secret_client(settings.key_vault_url, identity),
+        vault = secret_client(settings.key_vault_url, identity)
+        name = (
             settings.client_certificate_name
             if settings.credential_mode == "certificate"
-            else settings.client_secret_name,
+            else settings.client_secret_name
+        )
+        credentials = KeyVaultCredentialSource(
+            vault,
+            name,
             certificate=settings.credential_mode == "certificate",
             send_x5c=settings.client_certificate_send_x5c,
             refresh_seconds=settings.secret_refresh_seconds,
         )
+        credential_check = ("key_vault", lambda: _discard(vault.get_secret(name)))
     health = HealthBook(lambda: storage.table("tenanthealth"))
     issuer = TokenIssuer(
         client_id=settings.broker_client_id,
@@ -189,6 +212,37 @@ def build(
         log.warning("broker.start caller_policy=empty: every caller is refused until CALLER_POLICY grants access")
     tenants = TenantRegistry(lambda: storage.table("tenants"), cloud=settings.cloud)
     api = incident_api(settings, storage, issuer, retry=retry)
+    metadata = requests.Session()
+    readiness = Readiness(
+        {
+            credential_check[0]: credential_check[1],
+            "storage": lambda: _discard(next(iter(storage.table("tenants").list_entities(results_per_page=1)), None)),
+            "authority": authority_metadata_check(
+                settings.authority_host, settings.caller_tenant_id or "organizations", metadata
+            ),
+        }
+    )
+    consent = ConsentLinks(
+        ConsentStates(lambda: storage.table("consent"), ttl_seconds=settings.consent_link_ttl_hours * 3600),
+        authority_host=settings.authority_host,
+        client_id=settings.broker_client_id,
+        redirect_uri=settings.consent_redirect_uri,
+        scope_for=lambda api_name: api_scope(settings, api_name),
+    )
+    audit = AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode)
+    callers = CallerSwitches(lambda: storage.table("callers"))
+    changes = RegistryChanges(audit, tenants, callers)
+    doctor = Doctor(
+        tenants=tenants,
+        credentials=credentials,
+        issuer=issuer,
+        scopes=settings.allowed_scopes,
+        scope_roles=settings.scope_roles,
+        api_scope=lambda tenant: api_scope(settings, tenant.api),
+        probe=api.probe,
+        mark_onboarded=changes.mark_onboarded,
+        health=health,
+    )
     container = Container(
         settings=settings,
         identity=identity,
@@ -197,27 +251,16 @@ def build(
         credentials=credentials,
         issuer=issuer,
         authenticator=authenticator,
-        audit=AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode),
-        callers=CallerSwitches(lambda: storage.table("callers")),
+        audit=audit,
+        callers=callers,
         limiter=RateLimiter(settings.caller_rate_per_minute),
-        incidents=incident_sync(settings, storage, tenants, api, clock=clock),
+        incidents=incident_sync(settings, storage, tenants, api, clock=clock, health=health),
         health=health,
-        consent=ConsentLinks(
-            ConsentStates(lambda: storage.table("consent"), ttl_seconds=settings.consent_link_ttl_hours * 3600),
-            authority_host=settings.authority_host,
-            client_id=settings.broker_client_id,
-            redirect_uri=settings.consent_redirect_uri,
-            scope_for=lambda api_name: api_scope(settings, api_name),
-        ),
-        doctor=Doctor(
-            tenants=tenants,
-            credentials=credentials,
-            issuer=issuer,
-            scopes=settings.allowed_scopes,
-            scope_roles=settings.scope_roles,
-            api_scope=lambda tenant: api_scope(settings, tenant.api),
-            probe=api.probe,
-            health=health,
+        consent=consent,
+        doctor=doctor,
+        readiness=readiness,
+        onboarding=Onboarding(
+            tenants=tenants, changes=changes, links=consent, doctor=doctor, issuer=issuer, health=health
         ),
     )
     log.info(

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             box = Sandbox(ROOT / ".sandbox").start()
             env.update(box.env())
             env.update({"AzureWebJobsStorage": azurite.connection_string, "CALLER_AUTH": "none"})
+            # Admin consent returns to this broker: its callback is registered on the sandbox's app.
+            env.setdefault("CONSENT_REDIRECT_URI", f"http://{HOST}:{port}/api/consent/callback")
+            box.directory.add_redirect_uri(env["CONSENT_REDIRECT_URI"])
             container = wiring.build(Settings.from_environ(env), bind_host=HOST)
             for tenant in box.directory.customer_tenants():
                 container.tenants.add(tenant.name, tenant.tenant_id)

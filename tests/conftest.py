@@ -104,9 +104,9 @@ def broker_environment(box: Sandbox, connection_string: str, **overrides: str) -
 class BrokerServer:
     """A broker served by uvicorn in a thread on a loopback socket, and an HTTP client for it."""
 
-    def __init__(self, container: Container) -> None:
+    def __init__(self, container: Container, *, sock: socket.socket | None = None) -> None:
         self.container = container
-        self._sock = loopback_socket()
+        self._sock = sock or loopback_socket()
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(create_app(lambda: container), log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)

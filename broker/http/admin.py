@@ -1,7 +1,8 @@
-"""Admin routes: the audit query, the kill switches, and adding or changing a tenant
-(``PUT /api/admin/tenants/{name}`` with ``{"tenant_id", "api", "region" | "defender_url"}``). Every route
-needs an admin caller (the ``Broker.Admin`` app role and ``"admin": true`` in ``CALLER_POLICY``), and every
-change is audited."""
+"""Admin routes: the audit query, the kill switches, adding or changing a tenant
+(``PUT /api/admin/tenants/{name}`` with ``{"tenant_id", "api", "region" | "defender_url"}``), onboarding
+(``POST /api/admin/tenants``: a pending tenant and its consent link; new links; the doctor) and tenant
+health. Every route needs an admin caller (the ``Broker.Admin`` app role and ``"admin": true`` in
+``CALLER_POLICY``), and every change is audited."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from starlette.concurrency import run_in_threadpool
 from broker.audit import parse_moment
 from broker.callers import Caller, normalize_principal
 from broker.changes import RegistryChanges
+from broker.consent import ConsentLink
+from broker.doctor import Report
 from broker.errors import BadRequest, BrokerError, UnknownTenant
+from broker.health import TenantHealth
 from broker.http import access
 from broker.http.bodies import json_body
 from broker.http.summary import request_id, summarised
-from broker.tenants import is_tenant_guid, normalize_reference
+from broker.tenants import Tenant, is_tenant_guid, normalize_reference
 from broker.wiring import Container
 
 MAX_AUDIT_LIMIT = 1000
@@ -38,6 +42,12 @@ class TenantBody(BaseModel):
     api: Literal["defender", "graph"] = "defender"
     region: Annotated[StrictStr, Field(min_length=1, max_length=16)] | None = None
     defender_url: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+
+
+class NewTenant(TenantBody):
+    """The body of ``POST /api/admin/tenants``: a tenant to register, pending until it consents."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=63)]
 
 
 def _changes(c: Container) -> RegistryChanges:
@@ -185,5 +195,82 @@ def admin_routes(container: Callable[[], Container]) -> APIRouter:
     @router.post("/api/admin/tenants/{name}/enable")
     async def enable_tenant(request: Request, name: str) -> dict[str, Any]:
         return await switch(request, "tenant", lambda: normalize_reference(name), True)
+
+    def pending(tenant: Tenant, link: ConsentLink) -> dict[str, Any]:
+        return {
+            "tenant": tenant.name,
+            "tenant_id": tenant.tenant_id,
+            "api": tenant.api,
+            "onboarding": tenant.onboarding,
+            "consent_url": link.url,
+            "redirect_uri": link.redirect_uri,
+            "expires_at": datetime.fromtimestamp(link.expires_at, UTC).isoformat(timespec="seconds"),
+        }
+
+    @router.post("/api/admin/tenants", status_code=201)
+    async def create_tenant(request: Request) -> dict[str, Any]:
+        """Register a pending tenant (audited before it is made) and return its admin-consent link."""
+        async with summary(request, "tenant_add") as fields:
+            body = await json_body(request, NewTenant)
+
+            def work(c: Container, caller: Caller) -> dict[str, Any]:
+                tenant, link = c.onboarding.start(
+                    body.name,
+                    body.tenant_id,
+                    api=body.api,
+                    defender_url=body.defender_url,
+                    region=body.region,
+                    by=caller,
+                    request_id=request_id(request),
+                )
+                return pending(tenant, link)
+
+            fields["what"] = what = f"tenant_add:{body.name}"
+            result: dict[str, Any] = await run(request, what, work, change=True)
+            return result
+
+    @router.post("/api/admin/tenants/{name}/consent-link")
+    async def consent_link(request: Request, name: str) -> dict[str, Any]:
+        """A new admin-consent link for a registered tenant (the old ones stay valid until used or expired)."""
+        async with summary(request, "tenant_consent_link") as fields:
+            ref = normalize_reference(name)
+            fields["what"] = what = f"tenant_consent_link:{ref}"
+            result: dict[str, Any] = await run(request, what, lambda c, _caller: pending(*c.onboarding.link(ref)))
+            return result
+
+    @router.post("/api/admin/tenants/{name}/doctor")
+    async def doctor(request: Request, name: str) -> dict[str, Any]:
+        """The doctor for one tenant: each step pass, fail or skip, with the fix in words."""
+        async with summary(request, "tenant_doctor") as fields:
+            ref = normalize_reference(name)
+            fields["what"] = what = f"tenant_doctor:{ref}"
+            report: Report = await run(request, what, lambda c, _caller: c.doctor.run(ref))
+            fields["doctor"] = "pass" if report.ok else "fail"
+            return report.to_json()
+
+    @router.get("/api/admin/tenants")
+    async def list_tenants(request: Request) -> dict[str, Any]:
+        """Every registered tenant with its onboarding state and health record."""
+        async with summary(request, "tenant_list"):
+
+            def work(c: Container, _caller: Caller) -> dict[str, Any]:
+                health = c.health.view()
+                return {
+                    "tenants": [
+                        {
+                            "tenant": t.name,
+                            "tenant_id": t.tenant_id,
+                            "enabled": t.enabled,
+                            "api": t.api,
+                            "onboarding": t.onboarding,
+                            "onboarded_at": t.onboarded_at or None,
+                            "health": (health.get(t.tenant_id) or TenantHealth(t.tenant_id)).to_json(),
+                        }
+                        for t in c.tenants.all()
+                    ]
+                }
+
+            result: dict[str, Any] = await run(request, "tenant_list", work)
+            return result
 
     return router

@@ -25,7 +25,9 @@ from broker.http.admin import admin_routes
 from broker.http.bodies import describe
 from broker.http.incidents import incidents_routes
 from broker.http.issuance import token_routes
+from broker.http.onboarding import onboarding_routes
 from broker.http.summary import request_id
+from broker.http.tracing import TracedApp
 from broker.wiring import Container
 
 log = logging.getLogger(__name__)
@@ -84,12 +86,17 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        # FastAPI's own OpenTelemetry spans record the query string (the consent callback's state): off.
+        # TracedApp traces requests instead, with the query hidden (broker/http/tracing.py).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     app.add_middleware(BodyLimit)
+    app.add_middleware(TracedApp)  # outermost: the request span covers everything else
     app.include_router(admin_routes(container))
     app.include_router(incidents_routes(container))
     app.include_router(token_routes(container))
+    app.include_router(onboarding_routes(container))
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> Response:

@@ -67,6 +67,7 @@ from broker.incidents.ticks import TICKS_PER_SECOND, format_ticks, now_ticks
 from broker.incidents.upstream import CallCounter, IncidentApiClient
 from broker.storage import StorageAccount
 from broker.tenants import Tenant, TenantRegistry
+from broker.tokens import AcquisitionObserver
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,10 @@ class IncidentSync:
         overlap_seconds: int,
         lookback_days: int,
         clock: Callable[[], float] = time.time,
+        observer: AcquisitionObserver | None = None,
     ) -> None:
         self.tenants = tenants
+        self._observer = observer
         self.api = api
         self.store = store
         self.state = state
@@ -248,9 +251,13 @@ class IncidentSync:
             detail = exc.detail if isinstance(exc, BrokerError) else "unexpected error"
             diagnostic = exc.diagnostic if isinstance(exc, BrokerError) else repr(exc)
             self._finish(run, started, error=(code, detail, diagnostic, dequeue_count))
+            if self._observer is not None:
+                self._observer.failure(tenant.tenant_id, code, "sync")
             raise
         else:
             self._finish(run, started, error=None)
+            if self._observer is not None:
+                self._observer.success(tenant.tenant_id, "sync")
         finally:
             try:
                 lease.release()
