@@ -31,7 +31,8 @@ Errors carry Entra's body (``error``, ``error_description`` with trace/correlati
 ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``).
 
 Counters: ``entra.discovery``, ``entra.jwks``, ``entra.token``, ``entra.adminconsent``, each also
-``:<tenant GUID>``; accepted assertions by kind: ``entra.assertion:x5t#S256``, ``…:x5t#S256+x5c``,
+``:<tenant GUID>``; refused token requests: ``entra.token:error`` (and ``…:error:<AADSTS code>``); accepted
+assertions by kind: ``entra.assertion:x5t#S256``, ``…:x5t#S256+x5c``,
 ``…:x5t``, ``…:federated``; a token request carrying ``claims`` (a claims challenge) also counts as
 ``entra.token.claims:<tenant GUID>``.
 """
@@ -554,6 +555,7 @@ def create_entra_app(directory: Directory, recorder: Recorder) -> Any:
         try:
             _, payload = issuer.issue(ref, form, _basic_auth(request), urls)
         except OAuthError as exc:
+            recorder.hit("entra.token:error", str(exc.code))
             return error_response(exc, request)
         return JSONResponse(payload, headers={"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
 

@@ -164,6 +164,7 @@ def test_a_rotated_certificate_takes_over_with_no_failed_request(sandbox: Sandbo
                 statuses.append(client.post("/api/token", json={"tenant": tenant, "scope": DEFENDER}).status_code)
 
     worker = threading.Thread(target=traffic)
+    refusals = sandbox.recorder.count("entra.token:error")
     try:
         worker.start()
         time.sleep(0.5)
@@ -182,6 +183,7 @@ def test_a_rotated_certificate_takes_over_with_no_failed_request(sandbox: Sandbo
         server.stop()
     assert len(statuses) > served_before_removal + 3, "too few requests after the old certificate was removed"
     assert set(statuses) == {200}, statuses
+    assert sandbox.recorder.count("entra.token:error") == refusals, "Entra ID refused an assertion on the way"
 
 
 # -- federated mode ------------------------------------------------------------------------------------

@@ -301,9 +301,9 @@ def test_a_rotated_secret_is_used_after_the_refresh_interval(sandbox: Sandbox, a
         time.sleep(1.1)
         assert server.token("fabrikam").status_code == 200  # re-reads the vault: new version
         sandbox.directory.revoke_client_secret(old)
-        failures_before = sandbox.recorder.count("entra.token_error")
+        failures_before = sandbox.recorder.count("entra.token:error")
         assert server.token("northwind").status_code == 200
-        assert sandbox.recorder.count("entra.token_error") == failures_before
+        assert sandbox.recorder.count("entra.token:error") == failures_before
     finally:
         server.stop()
 
