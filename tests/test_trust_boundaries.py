@@ -4,6 +4,7 @@ broker on loopback (cross-tenant, cross-site, bad input) through real HTTP, and 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import re
@@ -21,6 +22,8 @@ import pytest
 from azure.data.tables import TableClient
 from conftest import DEFENDER, ROOT, BrokerServer, broker_environment, decode_claims, start_broker
 from entra_callers import Identity, bearer, grant, new_identity, policy, start_entra_broker, token_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.audit import AuditLog
 from broker.callers import CallerSwitches
@@ -358,3 +361,105 @@ def test_cli_changes_are_audited_with_the_operator_and_both_tenant_fields(
     assert {(r["tenant"], r["tenant_name"]) for r in records if r["caller"] == "cli"} == {(tenant_id, "audited")}
     everything = broker.client.get("/api/audit", params={"limit": "1000"}).json()["records"]
     assert f"caller_disable:{caller}" in {r["reason"] for r in everything if r["caller"] == "cli"}
+
+
+# -- 3. malformed bodies are 400s with an audit record, never a 5xx ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dev_broker(sandbox: Sandbox, azurite: str) -> Iterator[BrokerServer]:
+    """One loopback development broker for the module's many small requests."""
+    server = start_broker(sandbox, azurite)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+SCOPE = DEFENDER.encode()
+MALFORMED = {
+    "deep nesting": b'{"tenant": ' + b"[" * 5000 + b"]" * 5000 + b', "scope": "' + SCOPE + b'"}',
+    "deep nesting, unclosed": b"[" * 16_000,
+    "huge integer": b'{"tenant": "contoso", "scope": "' + SCOPE + b'", "min_ttl_seconds": 1' + b"0" * 5000 + b"}",
+    "huge exponent": b'{"tenant": "contoso", "scope": "' + SCOPE + b'", "min_ttl_seconds": 1e999999}',
+    "invalid utf-8": b'{"tenant": "cont\xff\xfeoso", "scope": "' + SCOPE + b'"}',
+    "lone surrogate": b'{"tenant": "\\ud800", "scope": "' + SCOPE + b'"}',
+    "duplicate keys": b'{"tenant": "contoso", "tenant": "fabrikam", "scope": "' + SCOPE + b'"}',
+    "NaN": b'{"tenant": "contoso", "scope": "' + SCOPE + b'", "min_ttl_seconds": NaN}',
+    "Infinity": b'{"tenant": "contoso", "scope": "' + SCOPE + b'", "min_ttl_seconds": -Infinity}',
+    "not an object": b'["contoso"]',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("kind", [*MALFORMED, "oversized"])
+def test_a_malformed_body_is_a_4xx_problem_with_an_audit_record(dev_broker: BrokerServer, kind: str) -> None:
+    """Deep nesting, huge numbers, invalid UTF-8, lone surrogates, duplicate keys and NaN are each refused
+    with a 400 problem (an oversized body with 413) before anything is looked up, and the refusal is in
+    the audit log."""
+    rid = uuid.uuid4().hex
+    content = MALFORMED[kind] if kind in MALFORMED else b'{"tenant": "' + b"a" * 20_000 + b'"}'
+    response = dev_broker.client.post(
+        "/api/token", content=content, headers={"Content-Type": "application/json", "X-Request-Id": rid}
+    )
+    assert response.status_code == (413 if kind == "oversized" else 400), response.text
+    body = _problem(response)
+    assert body["code"] in ("invalid_json", "bad_request", "payload_too_large")
+    dev_broker.container.audit.flush()
+    records = dev_broker.client.get("/api/audit", params={"limit": "1000"}).json()["records"]
+    mine = [r for r in records if r["request_id"] == rid]
+    assert [(r["outcome"], r["code"]) for r in mine] == [("denied", body["code"])], mine
+
+
+TOKEN_FIELDS = ("tenant", "scope", "min_ttl_seconds")
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80)
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+)
+token_objects = st.dictionaries(
+    st.sampled_from(TOKEN_FIELDS) | st.text(max_size=12),
+    json_values | st.sampled_from(["contoso", "fabrikam", DEFENDER, "../common", "0" * 32]),
+    max_size=5,
+)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=True).encode("utf-8", "surrogatepass")
+
+
+raw_bodies = (
+    token_objects.map(_encode)
+    | json_values.map(_encode)
+    | st.binary(max_size=512)
+    | st.integers(min_value=500, max_value=8000).map(lambda depth: b"[" * depth + b"]" * depth)
+    | st.tuples(token_objects.map(_encode), st.binary(max_size=16), st.integers(0, 64)).map(
+        lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :]
+    )
+)
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80).map(str.strip)
+headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "Content-Type": st.sampled_from(
+            ["application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "text/plain", ""]
+        )
+        | header_text,
+        "X-Request-Id": header_text,
+        "Authorization": header_text,
+        "Origin": st.sampled_from(["http://127.0.0.1:7071", "https://evil.example", "null"]) | header_text,
+        "Content-Encoding": st.sampled_from(["gzip", "identity"]),
+        "Accept": header_text,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=raw_bodies, extra=headers)
+def test_no_token_request_body_or_header_gets_a_5xx(
+    dev_broker: BrokerServer, body: bytes, extra: dict[str, str]
+) -> None:
+    """Whatever the body and headers, the answer is a success or a 4xx problem, never a 5xx."""
+    response = dev_broker.client.post("/api/token", content=body, headers=extra)
+    assert response.status_code < 500, (response.status_code, response.text)
+    if response.status_code >= 400:
+        assert response.headers["content-type"].startswith("application/problem+json")

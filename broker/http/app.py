@@ -42,7 +42,9 @@ def problem_response(error: BrokerError, rid: str) -> Response:
 
 
 class BodyLimit:
-    """Refuses bodies over ``limit`` bytes (declared or streamed) before a route reads them."""
+    """Refuses bodies over ``limit`` bytes (declared or streamed): reading one raises ``PayloadTooLarge``,
+    so the route refuses it as it refuses any bad body (a problem response and an audit record) without
+    a byte of it having been read."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -52,14 +54,19 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared_too_large = False
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                await _send_problem(send, PayloadTooLarge(f"the body must be at most {self.limit} bytes"))
-                return
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _send_problem(send, BadRequest("the Content-Length header is not a number"))
+                    return
+                declared_too_large = int(value) > self.limit
         received = 0
 
         async def limited() -> Message:
             nonlocal received
+            if declared_too_large:
+                raise PayloadTooLarge(f"the body must be at most {self.limit} bytes")
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
