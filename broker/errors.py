@@ -24,6 +24,8 @@
     │   ├── Forbidden (403 forbidden)
     │   ├── TenantDisabled (403 tenant_disabled)
     │   ├── CallerDisabled (403 caller_disabled)
+    │   ├── HostNotAllowed (403 host_not_allowed)      development mode: the Host is not loopback
+    │   ├── OriginNotAllowed (403 origin_not_allowed)  development mode: a page on another site sent it
     │   └── RateLimited (429 rate_limited)
     ├── TenantStateError                 the customer tenant is not ready for us
     │   ├── ConsentRequired (409 consent_required)  carries the admin-consent link
@@ -214,6 +216,16 @@ class TenantDisabled(CallerError):
 class CallerDisabled(CallerError):
     code = "caller_disabled"
     title = "The caller is disabled"
+
+
+class HostNotAllowed(CallerError):
+    code = "host_not_allowed"
+    title = "A development broker answers only requests addressed to a loopback host"
+
+
+class OriginNotAllowed(CallerError):
+    code = "origin_not_allowed"
+    title = "A development broker refuses requests from web pages of other sites"
 
 
 class RateLimited(CallerError):

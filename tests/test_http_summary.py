@@ -117,8 +117,8 @@ def test_every_route_writes_one_summary_line_through_the_helper(
         ("incidents.request", lambda: broker.client.get("/api/incidents", params={"tenant": "a b=c\nforged=1"})),
         ("incidents.request", lambda: broker.client.get("/api/sync/status", headers=hostile)),
         ("admin.request", lambda: broker.client.get("/api/audit", params={"limit": "x y=z"})),
-        ("admin.request", lambda: broker.client.post("/api/admin/tenants/x%20y=z/disable")),
-        ("admin.request", lambda: broker.client.post("/api/admin/callers/x%0Aforged=1/enable")),
+        ("admin.request", lambda: broker.client.post("/api/admin/tenants/x%20y=z/disable", json={})),
+        ("admin.request", lambda: broker.client.post("/api/admin/callers/x%0Aforged=1/enable", json={})),
     ]
     statuses = []
     for expected, send in requests:

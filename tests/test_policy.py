@@ -190,7 +190,9 @@ def test_admin_routes_need_role_and_policy(sandbox: Sandbox, server: BrokerServe
     """Admin needs ``Broker.Admin`` in the token *and* ``admin: true``; a token caller gets 403."""
     a_with_role = bearer(token_for(sandbox, people["a"], roles=list(ALL_ROLES)))
     assert (
-        server.client.post(f"/api/admin/callers/{people['b'].object_id}/disable", headers=a_with_role).status_code
+        server.client.post(
+            f"/api/admin/callers/{people['b'].object_id}/disable", json={}, headers=a_with_role
+        ).status_code
         == 403
     )
     no_role = bearer(token_for(sandbox, people["admin"], roles=["Broker.Token.Request"]))
@@ -205,12 +207,14 @@ def test_caller_kill_switch_through_the_admin_api(
     admin = bearer(token_for(sandbox, people["admin"]))
     a = bearer(token_for(sandbox, people["a"]))
     assert server.token("contoso", headers=a).status_code == 200
-    response = server.client.post(f"/api/admin/callers/{people['a'].app_id}/disable", headers=admin)
+    response = server.client.post(f"/api/admin/callers/{people['a'].app_id}/disable", json={}, headers=admin)
     assert response.status_code == 200, response.text
     refused = server.token("contoso", headers=a)
     assert refused.status_code == 403
     assert refused.json()["code"] == "caller_disabled"
-    assert server.client.post(f"/api/admin/callers/{people['a'].app_id}/enable", headers=admin).status_code == 200
+    assert (
+        server.client.post(f"/api/admin/callers/{people['a'].app_id}/enable", json={}, headers=admin).status_code == 200
+    )
     assert server.token("contoso", headers=a).status_code == 200
 
 
@@ -220,13 +224,13 @@ def test_tenant_kill_switch_through_the_admin_api(
     """Disabling a tenant refuses the next token for it (403 tenant_disabled)."""
     admin = bearer(token_for(sandbox, people["admin"]))
     b = bearer(token_for(sandbox, people["b"]))
-    assert server.client.post("/api/admin/tenants/northwind/disable", headers=admin).status_code == 200
+    assert server.client.post("/api/admin/tenants/northwind/disable", json={}, headers=admin).status_code == 200
     try:
         response = server.token("northwind", headers=b)
         assert response.status_code == 403
         assert response.json()["code"] == "tenant_disabled"
     finally:
-        assert server.client.post("/api/admin/tenants/northwind/enable", headers=admin).status_code == 200
+        assert server.client.post("/api/admin/tenants/northwind/enable", json={}, headers=admin).status_code == 200
     assert server.token("northwind", headers=b).status_code == 200
 
 

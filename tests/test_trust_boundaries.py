@@ -236,6 +236,62 @@ def test_kill_switches_fail_closed_once_storage_has_been_unreadable_too_long(
 # -- 2. development mode stays on this machine ---------------------------------------------------------
 
 
+def test_a_rebound_dns_name_gets_nothing_from_a_development_broker(dev_broker: BrokerServer) -> None:
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1; its requests then carry
+    ``Host: evil.example``. A development broker answers only loopback hosts."""
+    port = dev_broker.url.rsplit(":", 1)[1]
+    for host in (
+        "evil.example",
+        f"evil.example:{port}",
+        f"127.0.0.1.nip.io:{port}",
+        "",
+        f"127.0.0.1@evil.example:{port}",
+    ):
+        response = dev_broker.token("contoso", headers={"Host": host})
+        assert response.status_code == 403, (host, response.text)
+        assert _problem(response)["code"] == "host_not_allowed"
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.2"):
+        assert dev_broker.token("contoso", headers={"Host": host}).status_code == 200, host
+
+
+def test_a_cross_site_page_cannot_use_a_development_broker(dev_broker: BrokerServer) -> None:
+    """A form on another site posting to the admin API (no preflight for a form), and script from another
+    origin, are refused; the tenant stays enabled. Loopback origins (a local tool) are served."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for headers, status, code in (
+        ({**form, "Origin": "https://evil.example"}, 415, "unsupported_media_type"),
+        (form, 415, "unsupported_media_type"),
+        ({"Content-Type": "text/plain", "Origin": "null"}, 415, "unsupported_media_type"),
+        ({"Content-Type": "application/json", "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+        ({"Content-Type": "application/json", "Origin": "null"}, 403, "origin_not_allowed"),
+    ):
+        response = dev_broker.client.post("/api/admin/tenants/contoso/disable", content=b"x=1", headers=headers)
+        assert response.status_code == status, (headers, response.text)
+        assert _problem(response)["code"] == code
+    assert {t.name: t.enabled for t in dev_broker.container.tenants.all()}["contoso"] is True
+    stolen = dev_broker.token("contoso", headers={"Origin": "http://evil.example"})
+    assert stolen.status_code == 403
+    assert _problem(stolen)["code"] == "origin_not_allowed"
+    local = dev_broker.token("contoso", headers={"Origin": f"http://localhost:{dev_broker.url.rsplit(':', 1)[1]}"})
+    assert local.status_code == 200
+
+
+def test_host_and_origin_are_not_development_checks_under_entra(
+    sandbox: Sandbox, app_broker: BrokerServer, app_caller: Identity
+) -> None:
+    """Behind Azure's front ends ``Host`` is the app's name; a bearer token is what keeps browsers out."""
+    headers = {
+        **bearer(token_for(sandbox, app_caller)),
+        "Host": "broker.azurewebsites.net",
+        "Origin": "https://x.example",
+    }
+    assert app_broker.token("contoso", headers=headers).status_code == 200
+    form = app_broker.client.post(
+        "/api/token", content=b"tenant=contoso", headers={**headers, "Content-Type": "text/plain"}
+    )
+    assert form.status_code == 415
+
+
 def _devrun(env: dict[str, str], port: int, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "devrun", "--port", str(port), *flags],

@@ -23,6 +23,7 @@ from broker import wiring
 from broker.errors import PROBLEM_CONTENT_TYPE, BadRequest, BrokerError, MethodNotAllowed, NotFound, PayloadTooLarge
 from broker.http.admin import admin_routes
 from broker.http.bodies import describe
+from broker.http.guards import CrossSiteGuard
 from broker.http.incidents import incidents_routes
 from broker.http.issuance import token_routes
 from broker.http.onboarding import onboarding_routes
@@ -99,6 +100,7 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
     )
 
     app.add_middleware(BodyLimit)
+    app.add_middleware(CrossSiteGuard, container=container, refuse=_send_problem)
     app.add_middleware(TracedApp)  # outermost: the request span covers everything else
     app.include_router(admin_routes(container))
     app.include_router(incidents_routes(container))
