@@ -166,6 +166,10 @@ class TenantRegistry(SnapshotBacked):
         """Every tenant served, read from storage now."""
         return sorted(self._snapshot.get(0.0).by_name.values(), key=lambda t: t.name)
 
+    def enabled(self) -> list[Tenant]:
+        """Every enabled tenant, from the snapshot (re-read only once it is older than ``refresh_seconds``)."""
+        return sorted((t for t in self._snapshot.get().by_name.values() if t.enabled), key=lambda t: t.name)
+
     def refused_rows(self) -> tuple[str, ...]:
         """Stored rows the registry does not serve, each with the reason (after the latest read)."""
         return self._snapshot.get().refused

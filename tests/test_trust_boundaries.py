@@ -519,3 +519,34 @@ def test_no_token_request_body_or_header_gets_a_5xx(
     assert response.status_code < 500, (response.status_code, response.text)
     if response.status_code >= 400:
         assert response.headers["content-type"].startswith("application/problem+json")
+
+
+# -- 9. sync status shows only what the caller may read ---------------------------------------------
+
+
+def test_sync_status_lists_only_enabled_tenants_the_caller_may_read_from_the_cached_registry(
+    sandbox: Sandbox, azurite: str
+) -> None:
+    """Without ``tenant=``, the status lists the caller's granted tenants that are enabled, read from the
+    registry snapshot (a row written behind its back shows once the snapshot is due, not on every call)."""
+    reader = new_identity(sandbox, "status-reader")
+    broker = start_entra_broker(sandbox, azurite, policy(grant(reader, ["contoso", "fabrikam", "late"])))
+    try:
+        headers = bearer(token_for(sandbox, reader))
+
+        def listed() -> list[str]:
+            response = broker.client.get("/api/sync/status", headers=headers)
+            assert response.status_code == 200, response.text
+            return [t["tenant"] for t in response.json()["tenants"]]
+
+        assert listed() == ["contoso", "fabrikam"]
+        broker.container.tenants.set_enabled("fabrikam", False)
+        assert listed() == ["contoso"]
+        broker.container.storage.table("tenants").upsert_entity(
+            {"PartitionKey": "tenant", "RowKey": "late", "TenantId": str(uuid.uuid4()), "Enabled": True}
+        )
+        assert listed() == ["contoso"]  # the snapshot is fresh: no table scan per request
+        broker.container.tenants.refresh_seconds = 0.0  # stands for "10 s later"
+        assert listed() == ["contoso", "late"]
+    finally:
+        broker.stop()

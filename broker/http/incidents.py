@@ -136,10 +136,11 @@ def incidents_routes(container: Callable[[], Container]) -> APIRouter:
             else:
                 caller = await access.authenticate(c, request, "incidents")
                 policy = c.settings.caller_policy
-                everyone = await run_in_threadpool(c.tenants.all)
+                # Enabled tenants only, from the registry snapshot (not a table scan per call).
+                enabled = await run_in_threadpool(c.tenants.enabled)
                 tenants = [
                     t
-                    for t in everyone
+                    for t in enabled
                     if policy.decide(
                         object_id=caller.id,
                         app_id=caller.app_id,
