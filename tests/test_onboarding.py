@@ -276,14 +276,14 @@ def test_admin_routes_create_pending_tenants_run_the_doctor_and_show_health(
     assert broker.container.tenants.all() == []
     customer = newcomer(sandbox)
     link = broker.client.post("/api/admin/tenants", json={"name": "docco", "tenant_id": customer.tenant_id})
-    before = broker.client.post("/api/admin/tenants/docco/doctor").json()
+    before = broker.client.post("/api/admin/tenants/docco/doctor", json={}).json()
     assert before["ok"] is False
     failed = [s for s in before["steps"] if s["status"] == "fail"]
     assert failed[0]["step"] == f"token {DEFENDER}"
     assert failed[0]["code"] == "consent_required"
     assert "consent" in failed[0]["fix"]
     assert browser.get(link.json()["consent_url"]).status_code == 200
-    after = broker.client.post("/api/admin/tenants/docco/doctor").json()
+    after = broker.client.post("/api/admin/tenants/docco/doctor", json={}).json()
     assert after["ok"] is True
     assert [s["status"] for s in after["steps"]] == ["pass"] * 9
     listed = broker.client.get("/api/admin/tenants").json()["tenants"]
@@ -291,7 +291,7 @@ def test_admin_routes_create_pending_tenants_run_the_doctor_and_show_health(
     assert row["onboarding"] == "onboarded"
     assert row["health"]["consent"] == "granted"
     assert row["health"]["healthy"] is True
-    fresh = broker.client.post("/api/admin/tenants/docco/consent-link")
+    fresh = broker.client.post("/api/admin/tenants/docco/consent-link", json={})
     assert fresh.status_code == 200
     assert state_of(fresh.json()["consent_url"]) != state_of(link.json()["consent_url"])
     records, _ = broker.container.audit.query(

@@ -42,7 +42,7 @@ def test_the_admin_route_adds_and_updates_a_tenants_region(served: BrokerServer)
         "enabled": True,
         "created": True,
     }
-    assert served.client.post("/api/admin/tenants/acme/disable").status_code == 200
+    assert served.client.post("/api/admin/tenants/acme/disable", json={}).status_code == 200
     status, body = put(served, "acme", tenant_id=guid, region="au")
     assert status == 200, body
     assert body["defender_url"] == "https://au.api.security.microsoft.com"

@@ -69,6 +69,7 @@ def victim(sandbox: Sandbox) -> Any:
     return sandbox.directory.add_customer_tenant(f"victim{time.monotonic_ns()}")
 
 
+@pytest.mark.slow
 def test_a_guid_shaped_name_cannot_borrow_another_tenants_grant(
     sandbox: Sandbox, azurite: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -303,6 +304,7 @@ def _devrun(env: dict[str, str], port: int, *flags: str) -> subprocess.Popen[str
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "real",
     [
@@ -392,6 +394,7 @@ def test_no_registry_or_switch_change_is_made_without_its_record(azurite: str) -
     assert callers.all() == []
 
 
+@pytest.mark.slow
 def test_cli_changes_are_audited_with_the_operator_and_both_tenant_fields(
     sandbox: Sandbox, azurite: str, broker: BrokerServer
 ) -> None:
