@@ -279,18 +279,34 @@ def read_environment(cwd: Path | None = None) -> dict[str, str]:
     return merged
 
 
+_ANGLE_PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")
+_ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+
+
+def is_placeholder(value: str) -> bool:
+    """Whether ``value`` is one of the sample file's stand-ins for a real value: an ``<angle-bracketed>`` word
+    (``https://<your-vault>.vault.azure.net``) or the all-zero GUID (as itself or inside a URI)."""
+    return bool(_ANGLE_PLACEHOLDER.search(value)) or _ZERO_GUID in value.lower()
+
+
 class _Parser:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.env = environ
         self.problems: list[str] = []
         self.defaults = {s.name: s.default or "" for s in SETTINGS}
+        self.placeholders: set[str] = set()
 
     def get(self, name: str) -> str:
         value = self.env.get(name)
-        return (value if value is not None else self.defaults[name]).strip()
+        text = (value if value is not None else self.defaults[name]).strip()
+        if name not in self.placeholders and is_placeholder(text):
+            self.placeholders.add(name)
+            self.problems.append(f"{name}: still the placeholder from local.settings.sample.json ({text!r})")
+        return text
 
     def fail(self, name: str, why: str) -> None:
-        self.problems.append(f"{name}: {why}")
+        if name not in self.placeholders:  # one problem per setting: the placeholder says it all
+            self.problems.append(f"{name}: {why}")
 
     def guid(self, name: str, *, required: bool) -> str:
         value = self.get(name).lower()

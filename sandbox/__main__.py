@@ -26,6 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-file", type=Path, help="write the settings as JSON here once listening")
     parser.add_argument("--no-seed", action="store_true", help="start without the demo tenants and apps")
     parser.add_argument("--cloud", choices=sorted(CLOUD_SHAPES), default="public", help="the cloud to play")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="demo incidents dated over the last two days (default: from 2024-05-01, as tests expect)",
+    )
+    parser.add_argument(
+        "--activity-per-minute",
+        type=float,
+        default=0.0,
+        help="new and updated incidents per minute in each demo tenant while running",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -33,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     directory = Directory(cloud=args.cloud)
-    sandbox = Sandbox(args.state_dir, seed=not args.no_seed, directory=directory).start()
+    sandbox = Sandbox(
+        args.state_dir,
+        seed=not args.no_seed,
+        directory=directory,
+        live=args.live,
+        activity_per_minute=args.activity_per_minute,
+    ).start()
     try:
         env = {**sandbox.env(), "SANDBOX_CONTROL_URL": sandbox.control_url}
         if args.env_file:

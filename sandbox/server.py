@@ -26,6 +26,7 @@ import secrets
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 HTTPS_SERVICES = frozenset({"entra", "kv", "defender", "graph"})
 DEMO_INCIDENTS_PER_TENANT = 20
+# seed_tenant spaces incidents 30 s - 1 h apart and updates them up to 2 h later: 20 fit in under 23 h.
+LIVE_SEED_SPAN = 2 * 86_400
 
 
 def _listen(host: str) -> socket.socket:
@@ -89,12 +92,20 @@ class Sandbox:
         host: str = "127.0.0.1",
         directory: Directory | None = None,
         recorder: Recorder | None = None,
+        live: bool = False,
+        activity_per_minute: float = 0.0,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.host = host
         self.recorder = recorder or Recorder()
         self.directory = directory or Directory()
         self.seeded = seed
+        #: Seed the demo incidents over the last days (not from the fixed 2024 start tests rely on).
+        self.live = live
+        #: New and updated incidents per minute in each demo tenant, while running (0: none).
+        self.activity_per_minute = activity_per_minute
+        self._activity_stop = threading.Event()
+        self._activity: threading.Thread | None = None
         if seed:
             self.directory.seed()
         self.identity_header = secrets.token_urlsafe(24)
@@ -145,11 +156,19 @@ class Sandbox:
                 self.stop()
                 raise RuntimeError("sandbox failed to start") from failure
             time.sleep(0.005)
+        if self.activity_per_minute > 0 and self.seeded:
+            self._activity_stop.clear()
+            self._activity = threading.Thread(target=self._simulate, name="sandbox-activity", daemon=True)
+            self._activity.start()
         log.info("sandbox started %s", " ".join(f"{k}={v}" for k, v in self.urls.items()))
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut every server down and join the thread (idempotent)."""
+        self._activity_stop.set()
+        if self._activity is not None:
+            self._activity.join(timeout)
+            self._activity = None
         for server in self._servers:
             server.should_exit = True
         thread = self._thread
@@ -204,10 +223,22 @@ class Sandbox:
         apps["defender"] = CountHosts(create_defender_app(self.incidents, r, verify), "defender", r)
         apps["graph"] = CountHosts(create_graph_app(self.incidents, r, verify), "graph", r)
         if self.seeded:
+            start = None
+            if self.live:  # the last two days, ending before now, so a 30-day lookback sees them all
+                start = datetime.fromtimestamp(time.time() - LIVE_SEED_SPAN, UTC)
             for tenant in d.customer_tenants():
-                self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT)
+                self.incidents.seed_tenant(tenant.tenant_id, DEMO_INCIDENTS_PER_TENANT, start=start)
         apps["control"] = create_control_app(d, r, self.env, security_control_routes(self.incidents))
         return apps
+
+    def _simulate(self) -> None:
+        """Every tenant gets a few new and updated incidents, spread over each minute."""
+        interval = 60.0 / self.activity_per_minute
+        tenants = [t.tenant_id for t in self.directory.customer_tenants()]
+        while not self._activity_stop.wait(interval):
+            for tenant_id in tenants:
+                created, changed = self.incidents.simulate_activity(tenant_id, new=1, updated=1)
+                log.info("sandbox.activity tenant=%s new=%s updated=%s", tenant_id, created, changed)
 
     def _verify_for_cloud(self, token: str, audience: Any) -> dict[str, Any]:
         """The security stand-ins name the public resources; in another cloud's shape, expect its own."""

@@ -162,3 +162,30 @@ def test_service_uris_come_as_a_set_of_three_over_https() -> None:
         Settings.from_environ(env)
     names = sorted(problem.split(":")[0] for problem in caught.value.problems)
     assert names == ["AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__tableServiceUri"]
+
+
+def test_the_sample_files_placeholders_are_refused_by_name() -> None:
+    """Copying local.settings.sample.json unchanged must not pass: each placeholder is named, once."""
+    values = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    with pytest.raises(SettingsError) as info:
+        Settings.from_environ(values)
+    problems = info.value.problems
+    for name in ("BROKER_CLIENT_ID", "KEY_VAULT_URL", "CALLER_TENANT_ID", "CALLER_AUDIENCE"):
+        mine = [p for p in problems if p.startswith(f"{name}:")]
+        assert len(mine) == 1, problems
+        assert "placeholder from local.settings.sample.json" in mine[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KEY_VAULT_URL", "https://<your-vault>.vault.azure.net"),
+        ("BROKER_CLIENT_ID", "00000000-0000-0000-0000-000000000000"),
+        ("CALLER_AUDIENCE", "api://00000000-0000-0000-0000-000000000000"),
+    ],
+)
+def test_one_placeholder_among_real_values_is_refused(name: str, value: str) -> None:
+    """A single forgotten placeholder stops the start, naming that setting."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_environ({**GOOD, name: value})
+    assert any(p.startswith(f"{name}: still the placeholder") for p in info.value.problems), info.value.problems

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Loopback only: the exporter's ingestion and live endpoints are a closed local port; statsbeat, the SDK's
 # remote settings and the Azure VM metadata detector (all of which would leave the machine) are off.
 CONNECTION = (
-    "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+    "InstrumentationKey=5f1c2a9e-7d3b-4e8a-9c61-2b0f4d7e8a13;"
     "IngestionEndpoint=http://127.0.0.1:9/;LiveEndpoint=http://127.0.0.1:9/"
 )
 QUIET = {

@@ -291,6 +291,29 @@ class IncidentWorld:
             else:
                 raise ValueError(f"unknown incident field {key!r}")
 
+    def simulate_activity(self, tenant_id: str, *, new: int, updated: int) -> tuple[list[int], list[int]]:
+        """What a live tenant does in a while: ``new`` incidents created now and ``updated`` existing open ones
+        changed now (status, severity or assignment). Returns the ids created and the ids updated."""
+        with self._lock:
+            tenant = self._tenant(tenant_id)
+            rng = tenant.rng
+            gen = Generator(rng, tenant_id, tenant.domain)
+            now = self._now_ticks()
+            created = [self._build(tenant, gen, now, now, "Active", None).incident_id for _ in range(new)]
+            open_ids = sorted(i for i, inc in tenant.incidents.items() if inc.status in ("Active", "InProgress"))
+            changed = rng.sample(open_ids, min(updated, len(open_ids)))
+            for incident_id in changed:
+                inc = tenant.incidents[incident_id]
+                choice = rng.choice(("status", "severity", "assignedTo"))
+                if choice == "status":
+                    self._apply(inc, {"status": "InProgress" if inc.status == "Active" else "Resolved"})
+                elif choice == "severity":
+                    self._apply(inc, {"severity": rng.choice(SEVERITIES)})
+                else:
+                    self._apply(inc, {"assignedTo": gen.person()})
+                inc.last_update = self._bump(inc.last_update)
+            return created, changed
+
     def truth(self, tenant_id: str) -> list[dict[str, Any]]:
         """Every incident of the tenant as Defender documents, in the API's default order (most recent first)."""
         with self._lock:
