@@ -121,7 +121,7 @@ def _send(azurite: str, queue: str, body: bytes) -> QueueClient:
     return client
 
 
-def _wait(predicate: Any, timeout: float = 30.0) -> None:
+def _wait(predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -160,7 +160,7 @@ def test_after_max_dequeue_count_failures_the_message_moves_to_the_poison_queue(
     client = _send(azurite, queue_name, b"poisonous")
     poison = QueueClient.from_connection_string(azurite, queue_name + "-poison")
     _wait(lambda: poison.get_queue_properties().approximate_message_count == 1)
-    assert [count for _, count in recorder.calls] == [1, 2, 3]
+    assert [count for _, count in recorder.calls] == [1, 2, 3], recorder.calls
     assert base64.b64decode(next(iter(poison.peek_messages())).content) == b"poisonous"
     assert client.get_queue_properties().approximate_message_count == 0
 
