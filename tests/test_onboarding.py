@@ -332,3 +332,27 @@ def test_a_sync_reports_to_tenant_health(sandbox: Sandbox, broker: BrokerServer,
     healed = broker.container.health.local(customer.tenant_id)
     assert healed is not None
     assert (healed.healthy, healed.consent, healed.consecutive_failures) == (True, "granted", 0)
+
+
+def test_consent_whose_check_fails_leaves_the_tenant_pending_and_says_so(
+    sandbox: Sandbox, broker: BrokerServer, browser: httpx.Client
+) -> None:
+    """Consent granted but the probe refused (403): the page says the check has not passed, the JSON names the
+    failing step and its fix, and the tenant stays pending until a doctor run passes."""
+    customer = newcomer(sandbox)
+    created = broker.client.post("/api/admin/tenants", json={"name": "slowpoke", "tenant_id": customer.tenant_id})
+    sandbox.recorder.inject(Fault(service="defender", status=403, times=None))
+    page = browser.get(created.json()["consent_url"])
+    assert page.status_code == 200
+    assert "<h1>Consent received; the check has not passed yet</h1>" in page.text
+    assert "role_missing" in page.text
+    assert broker.container.tenants.resolve("slowpoke").onboarding == "pending"
+    again = broker.client.post("/api/admin/tenants/slowpoke/consent-link", json={}).json()["consent_url"]
+    body = browser.get(again, headers={"Accept": "application/json"}).json()
+    assert body["outcome"] == "consented"
+    failing = [s for s in body["doctor"]["steps"] if s["status"] == "fail"]
+    assert [s["step"] for s in failing] == ["probe"]
+    assert failing[0]["fix"]
+    sandbox.recorder.clear_faults()
+    assert broker.client.post("/api/admin/tenants/slowpoke/doctor", json={}).json()["ok"] is True
+    assert broker.container.tenants.resolve("slowpoke").onboarding == "onboarded"
