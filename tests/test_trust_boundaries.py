@@ -109,13 +109,25 @@ def test_a_guid_shaped_name_cannot_borrow_another_tenants_grant(
         broker.stop()
 
 
-def test_admin_routes_refuse_a_guid_shaped_name(sandbox: Sandbox, broker: BrokerServer) -> None:
-    """A GUID spelled without hyphens (or in braces) is neither a GUID nor a name: 400 invalid_tenant."""
-    guid = str(uuid.uuid4())
-    for ref in (guid.replace("-", ""), "{" + guid + "}"):
-        response = broker.client.post(f"/api/admin/tenants/{ref}/disable", json={})
-        assert response.status_code == 400, response.text
-        assert _problem(response)["code"] == "invalid_tenant"
+def test_admin_routes_refuse_a_guid_shaped_name(sandbox: Sandbox, azurite: str) -> None:
+    """Over HTTP as from the CLI: a GUID spelled without hyphens (or in braces) is neither a GUID nor a name
+    (400 invalid_tenant), and no tenant is registered or configured under a name that looks like a GUID."""
+    broker = start_broker(sandbox, azurite, WEBSITE_HOSTNAME="broker-test.azurewebsites.net")
+    try:
+        guid = str(uuid.uuid4())
+        for ref in (guid.replace("-", ""), "{" + guid + "}"):
+            response = broker.client.post(f"/api/admin/tenants/{ref}/disable", json={})
+            assert response.status_code == 400, response.text
+            assert _problem(response)["code"] == "invalid_tenant"
+        victim = str(uuid.uuid4())
+        for name in (guid, guid.replace("-", "")):
+            added = broker.client.post("/api/admin/tenants", json={"name": name, "tenant_id": victim})
+            assert added.status_code == 400, added.text
+            configured = broker.client.put(f"/api/admin/tenants/{name}", json={"tenant_id": victim})
+            assert configured.status_code == 400, configured.text
+        assert victim not in {t.tenant_id for t in broker.container.tenants.all()}
+    finally:
+        broker.stop()
 
 
 # -- 4. one wording for "not granted" ---------------------------------------------------------------
