@@ -118,6 +118,7 @@ CLOUD_SHAPES = {
 }
 # The app roles the broker defines for its callers (docs/app-registration.md).
 DEFAULT_CALLER_ROLES = ("Broker.Token.Request", "Broker.Incidents.Read")
+DEMO_TENANTS = ("contoso", "fabrikam", "northwind")  # the consented customer tenants seed() makes
 SIGNATURE_MODES = ("valid", "bad-signature", "unknown-kid", "none")
 #: What the administrator who opens an admin-consent link does: approve; press Cancel (Entra then redirects
 #: with ``error=access_denied``); or turn out not to be allowed to consent (``error=consent_required``).
@@ -423,7 +424,7 @@ class Directory:
             self.client_certificate_name, material.pem_bundle(), content_type="application/x-pem-file"
         )
         self.add_federated_credential(issuer=self.exchange_issuer, subject=self.broker_identity.principal_id)
-        for name in ("contoso", "fabrikam", "northwind"):
+        for name in DEMO_TENANTS:
             self.add_customer_tenant(name)
         self.add_caller_app("soc-dashboard")
         self.add_managed_identity("soc-automation-uami", api_roles=DEFAULT_CALLER_ROLES)
