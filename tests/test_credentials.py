@@ -174,9 +174,17 @@ def test_a_rotated_certificate_takes_over_with_no_failed_request(sandbox: Sandbo
         while server.container.credentials.current().version != new_version:
             assert time.monotonic() < deadline, "the broker never read the new version"
             time.sleep(0.1)
+        # A request already in flight may have signed with the old key; one more must start and finish
+        # after the switch before the old key goes (as an operator waits before deleting it).
+        switched = len(statuses)
+        while len(statuses) < switched + 2:
+            assert time.monotonic() < deadline + 20, "no request completed after the switch"
+            time.sleep(0.05)
         d.unregister_certificate(old.thumbprint)  # 3. remove the old key from the app
         served_before_removal = len(statuses)
-        time.sleep(1.0)
+        while len(statuses) <= served_before_removal + 3:  # requests keep coming, however loaded the machine
+            assert time.monotonic() < deadline + 40, "too few requests after the old certificate was removed"
+            time.sleep(0.05)
     finally:
         stop.set()
         worker.join(timeout=30)
