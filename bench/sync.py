@@ -154,7 +154,9 @@ def run(
                 print(f"retrying {tenant.name} after {exc.code}", flush=True)
         return c.incidents.run(tenant, max_wait=3600)
 
+    c.storage.requests.clear()
     wall, reports = sync_all()
+    requests = dict(c.storage.requests)
     failed = [r for r in reports if r.outcome != "complete"]
     calls = sum(r.calls for r in reports)
     pages = math.ceil(incidents_n / 100)
@@ -174,7 +176,19 @@ def run(
         f"-> ratio {wall / bound_ours:.2f}",
         flush=True,
     )
-    print(f"backfill: throughput {stored / wall:.0f} incidents/s", flush=True)
+    print(
+        f"backfill: throughput {stored / wall:.0f} incidents/s; API-budget lower bound with {args.parallel} tenants "
+        f"at a time {stored / bound_ours:.0f} incidents/s",
+        flush=True,
+    )
+    all_pages = sum(r.pages for r in reports)
+    print(
+        f"backfill: storage requests {sum(requests.values())} for {all_pages} pages = "
+        f"{sum(requests.values()) / all_pages:.2f} per page ("
+        + ", ".join(f"{k} {v / all_pages:.2f}" for k, v in sorted(requests.items()))
+        + ")",
+        flush=True,
+    )
 
     # -- incremental with 1 % changed ----------------------------------------------------------------------
     rng = random.Random(7)

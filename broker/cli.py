@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "broker") -> int:
     sync = commands.add_parser("sync", help="prefetch incidents now, in this process (one line per tenant)")
     sync.add_argument("--tenant", help="one tenant (default: every enabled tenant)")
     sync.add_argument("--parallel", type=int, default=4, help="tenants synced at once (default: 4)")
+    sync.add_argument(
+        "--wait", action="store_true", help="wait for a tenant another run holds, then sync it (default: report busy)"
+    )
     sync.set_defaults(run=_sync)
 
     args = parser.parse_args(argv)
@@ -280,26 +283,55 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    """Run the queue trigger's sync for each tenant here, waiting out the budget instead of deferring."""
+    """Run the queue trigger's sync for each tenant here, waiting out the budget instead of deferring.
+
+    A tenant another run holds is reported busy (until when its lease lapses) and fails the command,
+    unless ``--wait``, which retries it once that lease is free. SIGTERM (and Ctrl-C) stop every run at
+    its last checkpoint and release its lease: the command reports them stopped and exits non-zero."""
+    import signal
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     c = _container()
     tenants = [c.tenants.resolve(args.tenant)] if args.tenant else [t for t in c.tenants.all() if t.enabled]
     failures = 0
 
+    def stop(signum: int, _frame: object) -> None:
+        print(f"signal {signum}: stopping every run at its last checkpoint", file=sys.stderr, flush=True)
+        c.incidents.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
     def one(tenant: Tenant) -> str:
         nonlocal failures
-        try:
-            report = c.incidents.run(tenant, max_wait=3600.0)
-        except BrokerError as exc:
-            failures += 1
-            return f"{tenant.name:<24} {tenant.api:<8} outcome=failed error={exc.code}: {exc.detail}"
-        if report.outcome not in ("complete", "busy"):
+        while True:
+            try:
+                report = c.incidents.run(tenant, max_wait=3600.0)
+            except BrokerError as exc:
+                failures += 1
+                return f"{tenant.name:<24} {tenant.api:<8} outcome=failed error={exc.code}: {exc.detail}"
+            if report.outcome != "busy" or not args.wait or c.incidents.stopping.is_set():
+                break
+            print(f"{tenant.name:<24} {tenant.api:<8} busy until {report.busy_until or '?'}: waiting", flush=True)
+            c.incidents.stopping.wait(_seconds_until(report.busy_until))
+        if report.outcome != "complete":
             failures += 1
         return f"{tenant.name:<24} {tenant.api:<8} {report.summary()}"
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         for future in as_completed([pool.submit(one, t) for t in tenants]):
             print(future.result(), flush=True)
-    print(f"{len(tenants)} tenant(s), {failures} failed", flush=True)
+    print(f"{len(tenants)} tenant(s), {failures} not synced", flush=True)
     return 1 if failures else 0
+
+
+def _seconds_until(stamp: str | None) -> float:
+    """How long to wait before asking again for a busy tenant: until its lease lapses (and a second
+    more), but at most 5 s, since the run holding it may end sooner."""
+    if not stamp:
+        return 5.0
+    try:
+        until = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 5.0
+    return min(5.0, max(1.0, until - time.time() + 1.0))

@@ -164,6 +164,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INCIDENT_SYNC_QUEUE", "Queue of per-tenant sync messages.", "incident-sync"),
     Setting("SYNC_OVERLAP_SECONDS", "Watermark overlap window re-read on every sync.", "300"),
     Setting("SYNC_LOOKBACK_DAYS", "How far back the first sync of a tenant reaches.", "30"),
+    Setting(
+        "SYNC_LEASE_SECONDS", "Lease a sync run holds on its tenant (15-60); a killed run's lapses after it.", "60"
+    ),
     Setting("SYNC_BUDGET_PER_MINUTE", "Incident API calls per tenant per minute (documented quota: 50).", "40"),
     Setting("SYNC_BUDGET_PER_HOUR", "Incident API calls per tenant per hour (documented quota: 1,500).", "1200"),
     Setting(
@@ -252,6 +255,7 @@ class Settings:
     sync_queue: str
     sync_overlap_seconds: int
     sync_lookback_days: int
+    sync_lease_seconds: int
     sync_budget_per_minute: int
     sync_budget_per_hour: int
     consent_redirect_uri: str | None = None
@@ -376,6 +380,7 @@ class _Parser:
             sync_queue=self.pattern("INCIDENT_SYNC_QUEUE", _QUEUE, "a storage queue name"),
             sync_overlap_seconds=self.integer("SYNC_OVERLAP_SECONDS", 0, 86_400),
             sync_lookback_days=self.integer("SYNC_LOOKBACK_DAYS", 1, 3650),
+            sync_lease_seconds=self.integer("SYNC_LEASE_SECONDS", 15, 60),
             sync_budget_per_minute=self.integer("SYNC_BUDGET_PER_MINUTE", 1, 50),
             sync_budget_per_hour=self.integer("SYNC_BUDGET_PER_HOUR", 1, 1500),
             consent_redirect_uri=self._consent_redirect_uri(),

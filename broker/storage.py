@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, ResourceExistsError
+from azure.core.pipeline.transport import HttpRequest, HttpResponse, HttpTransport, RequestsTransport
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient
@@ -33,26 +34,66 @@ RETRY_FAILED_RELOAD_SECONDS = 5.0
 MAX_STALE_SECONDS = 60.0
 
 
+class CountingTransport(HttpTransport[HttpRequest, HttpResponse]):
+    """The SDKs' own HTTP transport, counting every request it sends (retries included) by kind:
+    ``"{service} $batch"`` for an entity-group transaction, else ``"{service} {METHOD}"``. The count is
+    what the incident benchmark reports as storage requests per page."""
+
+    def __init__(self, service: str, counts: dict[str, int], lock: threading.Lock, **kwargs: Any) -> None:
+        self._inner = RequestsTransport(**kwargs)
+        self._service = service
+        self._counts = counts
+        self._count_lock = lock
+
+    def send(self, request: HttpRequest, **kwargs: Any) -> HttpResponse:
+        kind = "$batch" if request.url.split("?")[0].endswith("$batch") else request.method
+        key = f"{self._service} {kind}"
+        with self._count_lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        response: HttpResponse = self._inner.send(request, **kwargs)
+        return response
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __exit__(self, *args: object) -> None:
+        self._inner.__exit__(*args)
+
+    def sleep(self, duration: float) -> None:
+        self._inner.sleep(duration)
+
+
 class StorageAccount:
-    """Builds table, queue and blob clients once, and creates what they point at on first use."""
+    """Builds table, queue and blob clients once, and creates what they point at on first use.
+
+    ``requests`` counts the HTTP requests sent to each service (see :class:`CountingTransport`)."""
 
     def __init__(self, settings: StorageSettings, credential: TokenCredential | None = None) -> None:
         self.prefix = settings.prefix
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], Any] = {}
-        kwargs: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20}
+        self.requests: dict[str, int] = {}
+        timeouts: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20}
+        count_lock = threading.Lock()
+
+        def kwargs_for(service: str) -> dict[str, Any]:
+            return {**timeouts, "transport": CountingTransport(service, self.requests, count_lock, **timeouts)}
+
         if settings.connection_string:
             conn = settings.connection_string.reveal()
-            self.tables = TableServiceClient.from_connection_string(conn, **kwargs)
-            self.queues = QueueServiceClient.from_connection_string(conn, **kwargs)
-            self.blobs = BlobServiceClient.from_connection_string(conn, **kwargs)
+            self.tables = TableServiceClient.from_connection_string(conn, **kwargs_for("table"))
+            self.queues = QueueServiceClient.from_connection_string(conn, **kwargs_for("queue"))
+            self.blobs = BlobServiceClient.from_connection_string(conn, **kwargs_for("blob"))
         else:
             if credential is None:
                 raise ValueError("identity-based storage needs a credential")
             uris = settings.service_uris
-            self.tables = TableServiceClient(uris["table"], credential=credential, **kwargs)
-            self.queues = QueueServiceClient(uris["queue"], credential, **kwargs)
-            self.blobs = BlobServiceClient(uris["blob"], credential, **kwargs)
+            self.tables = TableServiceClient(uris["table"], credential=credential, **kwargs_for("table"))
+            self.queues = QueueServiceClient(uris["queue"], credential, **kwargs_for("queue"))
+            self.blobs = BlobServiceClient(uris["blob"], credential, **kwargs_for("blob"))
 
     def name(self, suffix: str, *, sep: str = "") -> str:
         return f"{self.prefix}{sep}{suffix}"

@@ -127,7 +127,7 @@ def incident_sync(
         api=api,
         store=IncidentStore(lambda: storage.container("incidents"), lambda: storage.table("incidents")),
         state=SyncStateTable(lambda: storage.table("syncstate")),
-        leases=TenantLease(lambda: storage.container("sync")),
+        leases=TenantLease(lambda: storage.container("sync"), settings.sync_lease_seconds),
         queue=lambda: base64_queue(storage, settings.sync_queue),
         overlap_seconds=settings.sync_overlap_seconds,
         lookback_days=settings.sync_lookback_days,

@@ -22,7 +22,7 @@ from conftest import INSTANT, ROOT, BrokerServer, broker_environment, build_cont
 from broker.errors import RoleMissing, SyncInProgress, UpstreamUnavailable
 from broker.incidents.checkpoint import SyncState
 from broker.incidents.sync import MAX_DEQUEUE_COUNT
-from broker.incidents.ticks import format_ticks, parse_ticks
+from broker.incidents.ticks import TICKS_PER_SECOND, format_ticks, parse_ticks
 from broker.tenants import Tenant
 from broker.wiring import Container
 from sandbox.server import Sandbox
@@ -218,40 +218,136 @@ def test_a_run_killed_after_page_k_resumes_and_ends_equal_to_the_truth(sandbox: 
     assert container.incidents.status([tenant])[0]["last_success"]
 
 
+def sync_command(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker", "sync", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_pages(sandbox: Sandbox, tenant: Tenant, pages: int, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while sandbox.incidents.pages_served(tenant.tenant_id, "defender") < pages:
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_a_killed_sync_process_loses_nothing(sandbox: Sandbox, azurite: str, tmp_path: Any) -> None:
-    """`python -m broker sync` killed mid-run (SIGKILL), then run again: the store equals the truth."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_sync_process_killed_or_stopped_mid_run_loses_nothing(
+    sandbox: Sandbox, azurite: str, signum: signal.Signals
+) -> None:
+    """`python -m broker sync` killed (SIGKILL) or stopped (SIGTERM, what the Functions host sends) mid-run,
+    then run again: the store equals the truth. SIGTERM ends the run `stopped` at its last checkpoint and
+    releases the lease, so the next run starts at once; SIGKILL leaves the lease held until it lapses."""
     c = build(sandbox, azurite)
     env = broker_environment(sandbox, azurite, STORAGE_PREFIX=c.storage.prefix, **SYNC)
     try:
         tenant = new_tenant(sandbox, c, 900, alerts_per_incident=1)
         sandbox.recorder.set_latency("defender", 0.25)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "sync", "--tenant", tenant.name],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while sandbox.incidents.pages_served(tenant.tenant_id, "defender") < 4:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
+        proc = sync_command(env, "--tenant", tenant.name)
+        wait_for_pages(sandbox, tenant, 4, proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
         sandbox.recorder.set_latency("defender", 0.0)
         time.sleep(0.3)  # the request in flight when it died is answered into the void
-        state = c.incidents.state.load(tenant.tenant_id)
-        assert state.pending is not None
-        # The dead process's lease would expire within 60 s; break it instead of waiting.
-        assert c.incidents.run(tenant).outcome == "busy"
-        blob = c.storage.container("sync").get_blob_client(f"leases/{tenant.tenant_id}")
-        BlobLeaseClient(blob).break_lease(lease_break_period=0)
+        assert c.incidents.state.load(tenant.tenant_id).pending is not None
+        assert 0 < len(stored(c, tenant)) < 900
+        if signum == signal.SIGTERM:
+            assert proc.returncode == 1, out + err
+            assert "outcome=stopped" in out
+        else:
+            # The dead process's lease would lapse within 60 s; break it instead of waiting.
+            assert c.incidents.run(tenant).outcome == "busy"
+            blob = c.storage.container("sync").get_blob_client(f"leases/{tenant.tenant_id}")
+            BlobLeaseClient(blob).break_lease(lease_break_period=0)
         report = c.incidents.run(tenant)
         assert report.outcome == "complete"
         assert report.resumed
+        assert_store_equals_truth(sandbox, c, tenant)
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_the_cli_reports_a_busy_tenant_and_until_when_and_waits_for_it_with_wait(
+    sandbox: Sandbox, azurite: str
+) -> None:
+    """A tenant another run holds: `sync` says busy and until when, exit 1; `sync --wait` syncs it after."""
+    c = build(sandbox, azurite)
+    env = broker_environment(sandbox, azurite, STORAGE_PREFIX=c.storage.prefix, **SYNC)
+    try:
+        tenant = new_tenant(sandbox, c, 3000, alerts_per_incident=1)
+        sandbox.recorder.set_latency("defender", 0.3)
+        reports: list[Any] = []
+        holder = threading.Thread(target=lambda: reports.append(c.incidents.run(tenant)))
+        holder.start()
+        wait_for_pages(sandbox, tenant, 1)
+        asked = time.time()
+        busy = sync_command(env, "--tenant", tenant.name)
+        waiting = sync_command(env, "--tenant", tenant.name, "--wait")
+        busy_out, busy_err = busy.communicate(timeout=120)
+        holder.join(timeout=120)
+        sandbox.recorder.set_latency("defender", 0.0)
+        wait_out, wait_err = waiting.communicate(timeout=120)
+        assert reports[0].outcome == "complete"
+        assert busy.returncode == 1, busy_out + busy_err
+        assert "outcome=busy" in busy_out
+        until = busy_out.split("busy_until=")[1].split()[0]
+        assert asked < parse_ticks(until) / TICKS_PER_SECOND <= asked + 61
+        assert "1 tenant(s), 1 not synced" in busy_out
+        assert waiting.returncode == 0, wait_out + wait_err
+        assert "busy until" in wait_out
+        assert "outcome=complete" in wait_out
+        assert_store_equals_truth(sandbox, c, tenant)
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_a_killed_runs_tenant_is_synced_by_the_next_timer_tick_after_its_lease_lapses(
+    sandbox: Sandbox, azurite: str
+) -> None:
+    """SIGKILL leaves the lease held: a tick before it lapses finds the tenant busy; the first tick after
+    it lapses resumes the window, and the store equals the API."""
+    queue_name = "q" + uuid.uuid4().hex[:12]
+    c = build(sandbox, azurite, SYNC_LEASE_SECONDS="15", INCIDENT_SYNC_QUEUE=queue_name)
+    env = broker_environment(sandbox, azurite, STORAGE_PREFIX=c.storage.prefix, SYNC_LEASE_SECONDS="15", **SYNC)
+
+    def tick() -> list[str]:
+        assert c.incidents.fan_out() == 1
+        messages = list(c.storage.queue(queue_name).receive_messages(max_messages=32, visibility_timeout=60))
+        outcomes = []
+        for m in messages:
+            report = c.incidents.handle_message(base64.b64decode(m.content), m.dequeue_count)
+            assert report is not None
+            outcomes.append(report.outcome)
+            c.storage.queue(queue_name).delete_message(m)
+        return outcomes
+
+    try:
+        tenant = new_tenant(sandbox, c, 900, alerts_per_incident=1)
+        sandbox.recorder.set_latency("defender", 0.25)
+        proc = sync_command(env, "--tenant", tenant.name)
+        wait_for_pages(sandbox, tenant, 4, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        sandbox.recorder.set_latency("defender", 0.0)
+        assert tick() == ["busy"]
+        until = c.incidents.busy_until(tenant.tenant_id)
+        assert until is not None
+        assert parse_ticks(until) / TICKS_PER_SECOND <= time.time() + 15
+        lease_blob = c.storage.container("sync").get_blob_client(f"leases/{tenant.tenant_id}")
+        deadline = time.monotonic() + 30
+        while lease_blob.get_blob_properties().lease.state == "leased":
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
+        assert tick() == ["complete"]
         assert_store_equals_truth(sandbox, c, tenant)
     finally:
         c.close()
@@ -327,6 +423,32 @@ def test_a_2mb_incident_with_500_alerts_round_trips_exactly(sandbox: Sandbox, co
     blobs = list(container.storage.container("incidents").list_blobs(name_starts_with=tenant.tenant_id))
     assert len(blobs) == 1
     assert blobs[0].size == len(json.dumps(big, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def test_a_large_incidents_old_blob_is_removed_when_it_changes(sandbox: Sandbox, container: Container) -> None:
+    """A blob-stored incident updated twice: after each sync exactly the current version's blob is kept,
+    and the store still equals the API."""
+    tenant = new_tenant(sandbox, container, 3, alerts_per_incident=1)
+    alert = sandbox.incidents.truth(tenant.tenant_id)[0]["alerts"][0]
+    alerts = [dict(alert, alertId=f"da{i}", description=os.urandom(1600).hex()) for i in range(500)]
+    big = sandbox.incidents.add_incident(tenant.tenant_id, alerts=alerts)
+    incident_id = int(big["incidentId"])
+
+    def blobs() -> list[str]:
+        found = container.storage.container("incidents").list_blobs(name_starts_with=tenant.tenant_id)
+        return [b.name for b in found]
+
+    assert container.incidents.run(tenant).stored == 4
+    first = blobs()
+    assert first == [f"{tenant.tenant_id}/{incident_id}/{parse_ticks(big['lastUpdateTime']):019d}.json"]
+    changed = sandbox.incidents.update_incident(tenant.tenant_id, incident_id, severity="High")
+    assert container.incidents.run(tenant).stored == 1
+    assert blobs() == [f"{tenant.tenant_id}/{incident_id}/{parse_ticks(changed['lastUpdateTime']):019d}.json"]
+    assert_store_equals_truth(sandbox, container, tenant)
+    again = sandbox.incidents.update_incident(tenant.tenant_id, incident_id, status="Resolved")
+    assert container.incidents.run(tenant).stored == 1
+    assert blobs() == [f"{tenant.tenant_id}/{incident_id}/{parse_ticks(again['lastUpdateTime']):019d}.json"]
+    assert_store_equals_truth(sandbox, container, tenant)
 
 
 def test_queue_failures_are_recorded_and_marked_poisoned_at_the_max_dequeue(

@@ -89,6 +89,25 @@ def test_the_budget_is_a_sliding_window_shared_by_instances(storage: StorageAcco
     assert a.used("t2") == [0]
 
 
+def test_a_reservation_grants_what_fits_and_counts_it_as_sent_at_the_end_of_its_hold(
+    storage: StorageAccount,
+) -> None:
+    """reserve() takes several calls in one write, never more than fit, and they leave the window only
+    a window after the hold ends (the latest moment they may be sent), so the limit holds either way."""
+    clock = FakeClock()
+    a = CallBudget(lambda: storage.table("budget"), [(3, 10.0)], clock=clock, sleep=clock.sleep, margin=0.5)
+    b = CallBudget(lambda: storage.table("budget"), [(3, 10.0)], clock=clock, sleep=clock.sleep, margin=0.5)
+    assert a.reserve("t1", want=2, hold=4.0) == (0.0, 2)
+    assert b.reserve("t1", want=8, hold=4.0) == (0.0, 1)  # only one more fits
+    assert a.used("t1") == [3]
+    start = clock.now
+    with pytest.raises(SyncBudgetExhausted) as refused:
+        b.take("t1", max_wait=10)
+    assert refused.value.retry_after == 15  # hold 4 + window 10 + margin 0.5
+    assert b.take("t1", max_wait=60) == pytest.approx(14.5)
+    assert clock.now == pytest.approx(start + 14.5)
+
+
 def test_the_hour_budget_counts_in_buckets_and_never_undercounts(storage: StorageAccount) -> None:
     """Limits above 200 calls keep 60 buckets per window, counted whole: conservative, never too few."""
     clock = FakeClock(3600.0 * 1000)

@@ -93,6 +93,16 @@ class CallBudget:
 
     def take(self, tenant_id: str, *, max_wait: float = 0.0) -> float:
         """Reserve one call now, waiting up to ``max_wait`` seconds; returns the seconds waited."""
+        return self.reserve(tenant_id, max_wait=max_wait)[0]
+
+    def reserve(self, tenant_id: str, *, want: int = 1, hold: float = 0.0, max_wait: float = 0.0) -> tuple[float, int]:
+        """Reserve between 1 and ``want`` calls (as many as fit now, after waiting up to ``max_wait`` for the
+        first) in one read and one write; returns (seconds waited, calls granted).
+
+        The calls are counted as made ``hold`` seconds from now, the latest moment the caller may send
+        them (it must drop the ones not sent by then): a window closes over them no earlier than over a
+        call really sent at any time in between, so a reservation never lets more calls through than the
+        limits allow. A run paging back to back thereby writes the budget once for several pages."""
         waited = 0.0
         conflicts = 0
         while True:
@@ -100,9 +110,10 @@ class CallBudget:
             now = self._clock()
             wait = self._wait_needed(spend, now)
             if wait <= 0:
-                self._record(spend, now)
+                granted = max(1, min(want, self._room(spend, now)))
+                self._record(spend, now, granted, now + hold)
                 if self._write(tenant_id, spend):
-                    return waited
+                    return waited, granted
                 conflicts += 1
                 if conflicts > MAX_CONFLICTS:
                     raise UpstreamUnavailable("the sync budget table is contended", retry_after=5)
@@ -158,16 +169,21 @@ class CallBudget:
                     wait = max(wait, (b + 1) * limit.bucket + span - now)
         return wait
 
-    def _record(self, spend: _Spend, now: float) -> None:
+    def _room(self, spend: _Spend, now: float) -> int:
+        """Calls every limit still allows right now."""
+        return min(limit.calls - self._count(limit, spend, i, now) for i, limit in enumerate(self.limits))
+
+    def _record(self, spend: _Spend, now: float, calls: int = 1, stamp: float | None = None) -> None:
+        at = now if stamp is None else stamp
         for i, limit in enumerate(self.limits):
             span = limit.window + self._margin
             if limit.exact:
-                spend.logs[i] = [t for t in spend.logs[i] if t > now - span] + [now]
+                spend.logs[i] = [t for t in spend.logs[i] if t > now - span] + [at] * calls
             else:
                 first = math.floor((now - span) / limit.bucket)
                 kept = {b: n for b, n in spend.buckets[i].items() if b >= first}
-                here = math.floor(now / limit.bucket)
-                kept[here] = kept.get(here, 0) + 1
+                here = math.floor(at / limit.bucket)
+                kept[here] = kept.get(here, 0) + calls
                 spend.buckets[i] = kept
 
     # -- storage -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The state entity holds the checkpoint (the watermark and the window still owed, which
 :mod:`broker.incidents.sync` writes after each stored page) and the status counters.
 
-One run per tenant at a time: a run holds a 60-second blob lease on ``{tenant}`` (renewed every page)
+One run per tenant at a time: a run holds a 60-second blob lease on ``{tenant}`` (renewed every 20 s while it pages)
 and writes the state entity only with ``If-Match`` on the ETag it read, so a second run is refused at the
 lease, and a run that lost its lease (stalled past 60 s) fails at its next checkpoint instead of
 overwriting newer progress.
@@ -115,16 +115,18 @@ def _typed(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 class TenantLease:
-    """A 60-second blob lease per tenant: one sync run per tenant at a time, across instances."""
+    """A blob lease per tenant (``SYNC_LEASE_SECONDS``, 60 by default): one sync run per tenant at a
+    time, across instances."""
 
-    def __init__(self, container: Callable[[], ContainerClient]) -> None:
+    def __init__(self, container: Callable[[], ContainerClient], seconds: int = LEASE_SECONDS) -> None:
         self._container = container
+        self.seconds = seconds  # blob leases last 15 to 60 s
 
     def acquire(self, tenant_id: str) -> BlobLeaseClient:
         blob = self._container().get_blob_client(f"leases/{tenant_id}")
         for _ in range(2):
             try:
-                return blob.acquire_lease(lease_duration=LEASE_SECONDS)
+                return blob.acquire_lease(lease_duration=self.seconds)
             except ResourceNotFoundError:
                 with contextlib.suppress(ResourceExistsError):
                     blob.upload_blob(b"", overwrite=False)

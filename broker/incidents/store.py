@@ -10,13 +10,16 @@ One table, partitioned by tenant GUID, so no read ever scans another tenant:
   1 MB) goes, uncompressed, to a blob,
   ``{tenant}/{id}/{ticks}.json``, and the row names it (``BlobName``): a 2 MB, 500-alert incident
   round-trips byte for byte.
-- ``i_{id}``: which version is stored (``LastUpdate``), so an update can delete its old time row.
+- ``i_{id}``: which version is stored (``LastUpdate``) and whether its body is a blob (``InBlob``), so an
+  update can delete its old time row and its old blob.
 
 A page's incidents are written in entity-group transactions (at most 100 operations or 4 MB each); each
 incident's new time row, id row and old-row delete sit in the same transaction, so a reader never sees an
 incident twice or not at all. Upsert is idempotent and de-duplicated by (incident id, last update): the
 page's time span is checked with one key-only range query, and only incidents not already stored at that
-version are written (a first backfill skips the id lookups: nothing can be stored yet).
+version are written (a first backfill skips the range query and the id lookups: nothing can be stored
+yet, and the sync leaves out the rows it re-reads at a page boundary). A 100-incident backfill page is two
+transactions of 50 incidents.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from broker.errors import UpstreamUnavailable
 from broker.incidents.records import IncidentRecord, time_key
 from broker.incidents.ticks import format_ticks
 
-OPS_PER_TRANSACTION = 99
+OPS_PER_TRANSACTION = 100  # an incident takes 2 or 3 and never straddles two transactions
 POOL_WORKERS = 8  # the storage SDK's connection pool holds 10
 CHUNK_BYTES = 60_000  # a binary property holds 64 KiB
 MAX_INLINE_BYTES = 15 * CHUNK_BYTES  # an entity holds 1 MiB; bigger bodies go to a blob
@@ -85,22 +88,28 @@ class IncidentStore:
 
     def stored_versions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, int]:
         """The stored ``lastUpdate`` ticks of each of ``ids`` that is stored (parallel point reads)."""
+        return {i: ticks for i, (ticks, _) in self._versions(tenant_id, ids).items()}
+
+    def _versions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """Per stored id: its ``lastUpdate`` ticks, and whether that version's body may be in a blob (id
+        rows written before ``InBlob`` existed say nothing, so they count as maybe)."""
         table = self._table()
 
-        def read(incident_id: str) -> tuple[str, int | None]:
+        def read(incident_id: str) -> tuple[str, tuple[int, bool] | None]:
             try:
-                entity = table.get_entity(tenant_id, f"i_{incident_id}", select=["LastUpdate"])
+                entity = table.get_entity(tenant_id, f"i_{incident_id}", select=["LastUpdate", "InBlob"])
             except ResourceNotFoundError:
                 return incident_id, None
-            return incident_id, int(str(entity["LastUpdate"]))
+            return incident_id, (int(str(entity["LastUpdate"])), entity.get("InBlob") is not False)
 
-        return {i: t for i, t in self._pool.map(read, ids) if t is not None}
+        return {i: v for i, v in self._pool.map(read, ids) if v is not None}
 
     def save(
         self, tenant_id: str, api: str, records: Sequence[IncidentRecord], *, maybe_stored: bool = True
     ) -> tuple[int, int]:
         """Upsert ``records``; returns (written, unchanged). ``maybe_stored=False`` (a tenant's very first
-        window) skips looking for older versions, since there are none."""
+        window) skips looking for stored copies and older versions, since there are none: the caller
+        leaves out what it stored itself earlier in that window."""
         latest: dict[str, IncidentRecord] = {}
         for record in records:
             kept = latest.get(record.incident_id)
@@ -110,20 +119,23 @@ class IncidentStore:
             return 0, len(records)
         try:
             table = self._table()
-            # 1. (id, lastUpdate) already stored? One key-only range query over the page's time span.
-            low = min(r.last_update for r in latest.values())
-            high = max(r.last_update for r in latest.values())
-            present = {
-                str(e["RowKey"])
-                for e in table.query_entities(
-                    "PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi",
-                    parameters={"pk": tenant_id, "lo": f"t_{low:019d}", "hi": f"t_{high:019d}_~"},
-                    select=["RowKey"],
-                )
-            }
-            fresh = [r for r in latest.values() if r.time_key not in present]
+            fresh = list(latest.values())
+            if maybe_stored:
+                # 1. (id, lastUpdate) already stored? One key-only range query over the page's time span.
+                low = min(r.last_update for r in latest.values())
+                high = max(r.last_update for r in latest.values())
+                present = {
+                    str(e["RowKey"])
+                    for e in table.query_entities(
+                        "PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi",
+                        parameters={"pk": tenant_id, "lo": f"t_{low:019d}", "hi": f"t_{high:019d}_~"},
+                        select=["RowKey"],
+                    )
+                }
+                fresh = [r for r in latest.values() if r.time_key not in present]
             # 2. For the rest, the version stored before (if any), whose time row must go.
-            stored = self.stored_versions(tenant_id, [r.incident_id for r in fresh]) if maybe_stored else {}
+            versions = self._versions(tenant_id, [r.incident_id for r in fresh]) if maybe_stored else {}
+            stored = {i: ticks for i, (ticks, _) in versions.items()}
             changed = [r for r in fresh if r.last_update > stored.get(r.incident_id, -1)]
             big = [r for r in changed if len(r.packed) > MAX_INLINE_BYTES]
             if big:
@@ -137,6 +149,21 @@ class IncidentStore:
 
                 list(self._pool.map(upload, big))
             self._index(table, tenant_id, api, changed, stored)
+            # 3. Old bodies in blobs: their rows are gone, so they go too (a crash just here leaves an
+            # unreferenced blob, never a row without its body).
+            old_blobs = [
+                f"{tenant_id}/{r.incident_id}/{versions[r.incident_id][0]:019d}.json"
+                for r in changed
+                if r.incident_id in versions and versions[r.incident_id][1]
+            ]
+            if old_blobs:
+                container = self._blobs()
+
+                def remove(name: str) -> None:
+                    with contextlib.suppress(ResourceNotFoundError):
+                        container.delete_blob(name)
+
+                list(self._pool.map(remove, old_blobs))
         except AzureError as exc:
             raise UpstreamUnavailable("incident storage failed", diagnostic=repr(exc), retry_after=10) from exc
         return len(changed), len(records) - len(changed)
@@ -204,6 +231,7 @@ class IncidentStore:
                         "PartitionKey": tenant_id,
                         "RowKey": f"i_{record.incident_id}",
                         "LastUpdate": f"{record.last_update:019d}",
+                        "InBlob": len(record.packed) > MAX_INLINE_BYTES,
                     },
                 ),
             ]

@@ -29,7 +29,15 @@ then runs a fresh window from HIGH - overlap in the same run (so changes made me
 with nothing new costs one call per tenant: the overlap window, which fits on one page.
 
 A run holds the tenant's lease and writes its checkpoint under an ETag (:mod:`broker.incidents.checkpoint`),
-so two runs never interleave their progress.
+so two runs never interleave their progress. The lease is renewed once a third of it has passed, not on
+every page, and the state records until when it holds (``LeaseUntil``), which a run finding the tenant
+busy reports. ``stopping`` (set on SIGTERM) ends every run at the checkpoint it has just written, with
+outcome ``stopped``, and releases its lease, so the next run starts at once.
+
+Storage per page of a backfill (a tenant with nothing stored yet): two entity-group transactions of 50
+incidents and one checkpoint write. The budget is reserved several calls at a time (see
+:class:`~broker.incidents.upstream.CallCounter`), and no range query looks for copies already stored:
+the rows a page re-reads at its cursor are left out from memory of the page before.
 
 Merged incidents (``redirectIncidentId``) are stored with ``MergedInto``; a target not stored at least as
 new as its merge is fetched by id at the end of the run. A Graph incident whose ``tenantId`` is not the
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +119,7 @@ class RunReport:
     resumed: bool = False
     watermark: int | None = None
     retry_after: int | None = None
+    busy_until: str | None = None
     error: str = ""
     duration_s: float = 0.0
 
@@ -131,6 +141,7 @@ class RunReport:
             "resumed": str(self.resumed).lower(),
             "watermark": format_ticks(self.watermark) if self.watermark is not None else "-",
             "retry_after": self.retry_after if self.retry_after is not None else "-",
+            "busy_until": self.busy_until or "-",
             "error": self.error or "-",
             "duration_s": f"{self.duration_s:.2f}",
         }
@@ -140,8 +151,11 @@ class RunReport:
 class _Run:
     """The mutable context of one run."""
 
-    def __init__(self, tenant: Tenant, state: SyncState, lease: BlobLeaseClient, report: RunReport) -> None:
+    def __init__(
+        self, tenant: Tenant, state: SyncState, lease: BlobLeaseClient, report: RunReport, lease_seconds: int
+    ) -> None:
         self.tenant = tenant
+        self.lease_seconds = lease_seconds
         self.state = state
         self.lease = lease
         self.report = report
@@ -150,6 +164,34 @@ class _Run:
         # Nothing stored yet for this tenant: a backfill need not look for older versions.
         self.empty = state.watermark is None and state.pending is None
         self.base = {k: _int(state.data.get(k)) for k in ("ApiCalls", "Stored", "Refused", "Merged")}
+        # In that backfill, the rows stored at the oldest update so far: the next page, which asks for
+        # ``le CURSOR``, reads them again, and they are left out instead of looked up in storage.
+        self.tied: set[str] = set()
+        self.tied_at: int | None = None
+        self.renewed_at = time.monotonic()
+
+    def renew(self) -> None:
+        """Renew the lease once a third of it has passed since it was last taken or renewed, not on
+        every page: a run that then stalls past the lease fails at its next (ETag-guarded) checkpoint."""
+        if time.monotonic() - self.renewed_at >= self.lease_seconds / 3:
+            self.lease.renew()
+            self.renewed_at = time.monotonic()
+            self.state.data["LeaseUntil"] = _iso(time.time() + self.lease_seconds)
+
+    def left_out(self, records: list[IncidentRecord]) -> list[IncidentRecord]:
+        """In a backfill: the records not already stored by this run (see ``tied``)."""
+        if not self.empty or not self.tied:
+            return records
+        return [r for r in records if r.time_key not in self.tied]
+
+    def stored_page(self, records: list[IncidentRecord]) -> None:
+        if not self.empty or not records:
+            return
+        oldest = min(r.last_update for r in records)
+        if self.tied_at is None or oldest < self.tied_at:
+            self.tied, self.tied_at = set(), oldest
+        if oldest == self.tied_at:
+            self.tied.update(r.time_key for r in records if r.last_update == oldest)
 
 
 class IncidentSync:
@@ -179,6 +221,8 @@ class IncidentSync:
         self.overlap = overlap_seconds * TICKS_PER_SECOND
         self.lookback = lookback_days * 86_400 * TICKS_PER_SECOND
         self._clock = clock
+        # Set (by SIGTERM) to stop every run at its next checkpoint: outcome "stopped", lease released.
+        self.stopping = threading.Event()
 
     def close(self) -> None:
         self.api.close()
@@ -230,12 +274,17 @@ class IncidentSync:
             lease = self._leases.acquire(tenant.tenant_id)
         except SyncInProgress:
             report.outcome = "busy"
+            report.busy_until = self.busy_until(tenant.tenant_id)
             report.duration_s = time.perf_counter() - started
             log.info("sync.run %s", report.summary())
             return report
-        run = _Run(tenant, self.state.load(tenant.tenant_id), lease, report)
+        run = _Run(tenant, self.state.load(tenant.tenant_id), lease, report, self._leases.seconds)
+        run.state.data["LeaseUntil"] = _iso(time.time() + self._leases.seconds)
         try:
             self._run(run, max_wait)
+        except _Stopped:
+            report.outcome = "stopped"
+            self._finish(run, started, error=None)
         except (SyncBudgetExhausted, UpstreamThrottled) as exc:
             report.outcome = "deferred"
             report.retry_after = exc.retry_after
@@ -298,7 +347,7 @@ class IncidentSync:
             run.state.data.update(PendingLow=low, PendingCursor=None, PendingHigh=None, PendingSkip=0)
             self._checkpoint(run)
         while True:
-            run.lease.renew()
+            run.renew()
             page = self.api.list_page(
                 tenant, run.counter, low=low, high=cursor, skip=skip, next_link=link, max_wait=max_wait
             )
@@ -320,10 +369,13 @@ class IncidentSync:
                 PendingLow=low, PendingCursor=cursor, PendingHigh=high, PendingSkip=skip if link is None else 0
             )
             self._checkpoint(run)
+            if self.stopping.is_set():
+                raise _Stopped()
         if high is not None:
             run.state.data["Watermark"] = max(high, run.state.watermark or 0)
+        # Not written here: the next window's claim or the run's final save writes it (a run failing in
+        # between resumes this window from its last cursor, which is never ahead of what is stored).
         run.state.data.update(PendingLow=None, PendingCursor=None, PendingHigh=None, PendingSkip=None)
-        self._checkpoint(run)
 
     def _store_page(self, run: _Run, dialect: Dialect, docs: list[dict[str, Any]]) -> list[int]:
         tenant, report = run.tenant, run.report
@@ -359,9 +411,11 @@ class IncidentSync:
                 len(refused),
                 ",".join(refused[:10]),
             )
-        stored, unchanged = self.store.save(tenant.tenant_id, tenant.api, records, maybe_stored=not run.empty)
+        fresh = run.left_out(records)
+        stored, unchanged = self.store.save(tenant.tenant_id, tenant.api, fresh, maybe_stored=not run.empty)
+        run.stored_page(fresh)
         report.stored += stored
-        report.unchanged += unchanged
+        report.unchanged += unchanged + len(records) - len(fresh)
         return times
 
     def _fetch_targets(self, run: _Run, max_wait: float | None) -> None:
@@ -376,7 +430,7 @@ class IncidentSync:
             missing = [i for i, at in todo.items() if stored.get(i, -1) < at]
             todo = {}
             for incident_id in missing:
-                run.lease.renew()
+                run.renew()
                 try:
                     doc = self.api.get_incident(tenant, incident_id, run.counter, max_wait=max_wait)
                 except IncidentApiError as exc:
@@ -394,6 +448,15 @@ class IncidentSync:
                 run.report.targets_fetched += 1
                 if run.report.merged > before:
                     todo.update({k: v for k, v in run.targets.items() if k not in stored and k != incident_id})
+
+    def busy_until(self, tenant_id: str) -> str | None:
+        """When the lease of the run holding this tenant lapses unless that run renews it (as its last
+        checkpoint recorded it), or None if unknown."""
+        try:
+            until = self.state.load(tenant_id).data.get("LeaseUntil")
+        except AzureError:
+            return None
+        return str(until) if until else None
 
     def _checkpoint(self, run: _Run) -> None:
         self._counters(run)
@@ -428,6 +491,7 @@ class IncidentSync:
         data = run.state.data
         if save:
             self._counters(run)
+            data["LeaseUntil"] = ""  # released right after this write
             data["LastOutcome"] = report.outcome
             if error is None:
                 if report.outcome == "complete":
@@ -485,6 +549,10 @@ class IncidentSync:
                 }
             )
         return out
+
+
+class _Stopped(Exception):
+    """The process is stopping (SIGTERM): the run ends at the checkpoint it just wrote."""
 
 
 def _int(value: Any) -> int:

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 _WINDOW = re.compile(r"per\s+(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
 MAX_RETRY_AFTER = 3600.0
+MAX_RESERVATION = 8  # calls reserved from the budget at once
+RESERVATION_SECONDS = 10.0  # how long reserved calls stay usable (the budget counts them as sent then)
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,31 @@ class Page:
 
 @dataclass
 class CallCounter:
-    """API calls one run has made (every attempt counts: the service counts them too), and its 429s."""
+    """API calls one run has made (every attempt counts: the service counts them too), and its 429s.
+
+    It also holds the calls the run has reserved from the budget and not yet sent: ``slots`` of them,
+    usable until ``slots_until`` (``time.monotonic``). Each reservation asks for twice the last one (up to
+    ``MAX_RESERVATION``), so a one-page run reserves one call and a backfill writes the budget once for
+    several pages."""
 
     calls: int = 0
     throttled: int = 0
+    slots: int = 0
+    slots_until: float = 0.0
+    want: int = 1
+
+    def use_slot(self) -> bool:
+        if self.slots > 0 and time.monotonic() < self.slots_until:
+            self.slots -= 1
+            return True
+        self.slots = 0
+        return False
+
+    def granted(self, calls: int, since: float) -> None:
+        """``calls`` reserved at ``since`` (monotonic, taken before asking): one is being sent now."""
+        self.slots = calls - 1
+        self.slots_until = since + RESERVATION_SECONDS
+        self.want = min(MAX_RESERVATION, self.want * 2)
 
 
 def throttle_seconds(response: requests.Response) -> float | None:
@@ -244,7 +267,15 @@ class IncidentApiClient:
         limit = self.retry.max_wait if max_wait is None else max_wait
         attempt = 0
         while True:
-            self._budget.take(tenant.tenant_id, max_wait=0.0 if self.retry.instant else limit)
+            if not counter.use_slot():
+                since = time.monotonic()
+                _, granted = self._budget.reserve(
+                    tenant.tenant_id,
+                    want=counter.want,
+                    hold=RESERVATION_SECONDS,
+                    max_wait=0.0 if self.retry.instant else limit,
+                )
+                counter.granted(granted, since)
             token = self._issuer.acquire(tenant.tenant_id, self._scope(tenant, d))
             counter.calls += 1
             wait: float | None
@@ -276,6 +307,7 @@ class IncidentApiClient:
                     raise _NotFoundError()
                 if status == 429:
                     counter.throttled += 1
+                    counter.slots = 0  # the tenant is blocked: reserved calls are not sent
                     seconds = throttle_seconds(response) or 60.0
                     self._budget.block(tenant.tenant_id, seconds)
                     log.warning(
