@@ -144,6 +144,7 @@ def test_not_granted_reads_the_same_whether_or_not_the_tenant_exists(
     try:
         fabrikam = sandbox.directory.tenant("fabrikam")
         assert fabrikam is not None
+        broker.container.tenants.add(victim.name, victim.tenant_id)  # registered, and not granted
         headers = bearer(token_for(sandbox, caller))
         probes = [fabrikam.tenant_id, "fabrikam", victim.tenant_id, str(uuid.uuid4()), "no-such-tenant"]
         answers = []
