@@ -29,7 +29,7 @@ from azure.data.tables import TableClient, TableServiceClient
 
 from bench.harness import LoadResult, broker_process, post_json, run_load, stack
 from broker import wiring
-from broker.audit import AuditRecord, _block_entity, _chained
+from broker.audit.records import ZERO_MAC, AuditRecord, Key, block_entity, chain, chain_key
 from broker.settings import Settings
 
 DEFENDER = "https://api.security.microsoft.com/.default"
@@ -59,6 +59,7 @@ class _Rows:
 
     def __init__(self) -> None:
         self.seq = 0
+        self.key = Key("bench-audit-key/1", uuid.uuid4().hex.encode() * 2)
 
     def records(self, n: int) -> list[dict[str, Any]]:
         out = []
@@ -77,15 +78,15 @@ class _Rows:
                 expires_on=int(time.time()) + 3600,
                 fingerprint="0f" * 8,
             )
-            out.append(_chained(record, "20000101", self.seq, "0" * 64))
+            out.append(chain(record, "20000101", self.seq, ZERO_MAC, "-", self.key))
         return out
 
     def block(self, n: int) -> dict[str, Any]:
         rows = self.records(n)
-        return _block_entity("20000101", f"c{self.seq:012d}", rows)
+        return block_entity("20000101", chain_key(self.seq), rows, self.seq)
 
     def singles(self, n: int) -> list[dict[str, Any]]:
-        return [_block_entity("20000101", f"c{r['seq']:012d}", [r]) for r in self.records(n)]
+        return [block_entity("20000101", chain_key(r["seq"]), [r], r["seq"]) for r in self.records(n)]
 
 
 def storage_floor(connection_string: str, *, reps: int, compare: bool) -> tuple[float, float]:

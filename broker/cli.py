@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "broker") -> int:
     callers.add_parser("list", help="list callers with a switch set").set_defaults(run=_callers_list)
 
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
-    verify = audit.add_parser("verify", help="check the hash chain: report deleted or edited records")
+    verify = audit.add_parser(
+        "verify", help="check MACs, links and anchors: report edited, deleted, reordered or truncated records"
+    )
     verify.add_argument(
         "--repair", action="store_true", help="rewrite index rows that are missing or differ, from the chain"
     )
@@ -134,8 +136,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from broker.http.app import create_app
 
-    _container(args.host)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    container = _container(args.host)
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        container.close()  # on SIGTERM too: the audit writer drains what is queued (AUDIT_DRAIN_SECONDS)
     return 0
 
 
@@ -278,7 +283,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
     for day, (seq, digest) in sorted(report.heads.items()):
         print(f"head {day} seq={seq} hash={digest[:16]}")
     verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
-    print(f"audit verify {start}..{end}: {report.days} day(s), {report.records} record(s), {verdict}")
+    print(
+        f"audit verify {start}..{end}: {report.days} day(s), {report.records} record(s), "
+        f"{report.anchors} anchor(s), {verdict}"
+    )
     return 0 if report.ok else 1
 
 

@@ -68,7 +68,9 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("BROKER_CLIENT_ID", "Client ID (GUID) of the multi-tenant app registration.", required=True),
-    Setting("KEY_VAULT_URL", "https URL of the Key Vault holding the app's credential.", required=True),
+    Setting(
+        "KEY_VAULT_URL", "https URL of the Key Vault holding the app's credential and the audit key.", required=True
+    ),
     Setting("CLIENT_CREDENTIAL_MODE", "`secret`, `certificate` or `federated` (managed identity).", "secret"),
     Setting("CLIENT_SECRET_NAME", "Key Vault secret holding the app's client secret.", "broker-client-secret"),
     Setting(
@@ -150,6 +152,21 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("AUDIT_MODE", "`strict`: no token leaves unless its audit record was written; `best_effort`.", "strict"),
     Setting(
+        "AUDIT_KEY_NAME",
+        "Key Vault secret holding the audit log's MAC key (at least 32 random characters; rotate by adding a version).",
+        "broker-audit-key",
+    ),
+    Setting(
+        "AUDIT_WRITER",
+        "`process`: audit storage writes run in a child process fed over a pipe; `thread`: in the broker's process.",
+        "process",
+    ),
+    Setting(
+        "AUDIT_DRAIN_SECONDS",
+        "On shutdown, how long the audit writer may take to write what is queued (keep it within the host's shutdown window).",
+        "5",
+    ),
+    Setting(
         "DEFENDER_API_URL",
         "Defender XDR API base URL. Empty: the cloud's (`https://api.security.microsoft.com`); per-tenant "
         "regional hosts are set in the registry (`tenants add --region`).",
@@ -216,6 +233,7 @@ class Secret:
 CredentialMode = Literal["secret", "certificate", "federated"]
 CallerAuth = Literal["none", "entra"]
 AuditMode = Literal["strict", "best_effort"]
+AuditWriter = Literal["process", "thread"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +268,9 @@ class Settings:
     caller_policy: Policy
     caller_rate_per_minute: int
     audit_mode: AuditMode
+    audit_key_name: str
+    audit_writer: AuditWriter
+    audit_drain_seconds: int
     defender_api_url: str
     graph_api_url: str
     sync_queue: str
@@ -356,7 +377,7 @@ class _Parser:
         settings = Settings(
             cloud=cloud,
             broker_client_id=client_id,
-            key_vault_url=self.endpoint("KEY_VAULT_URL", "", check_key_vault, cloud, required=mode != "federated"),
+            key_vault_url=self.endpoint("KEY_VAULT_URL", "", check_key_vault, cloud, required=True),
             credential_mode=mode,  # type: ignore[arg-type]
             client_secret_name=self.pattern("CLIENT_SECRET_NAME", _KV_NAME, "a Key Vault secret name"),
             client_certificate_name=self.pattern("CLIENT_CERTIFICATE_NAME", _KV_NAME, "a Key Vault name"),
@@ -373,6 +394,9 @@ class _Parser:
             caller_policy=self._caller_policy(scopes, caller_auth),
             caller_rate_per_minute=self.integer("CALLER_RATE_PER_MINUTE", 1, 1_000_000),
             audit_mode=self.choice("AUDIT_MODE", ("strict", "best_effort")),  # type: ignore[arg-type]
+            audit_key_name=self.pattern("AUDIT_KEY_NAME", _KV_NAME, "a Key Vault secret name"),
+            audit_writer=self.choice("AUDIT_WRITER", ("process", "thread")),  # type: ignore[arg-type]
+            audit_drain_seconds=self.integer("AUDIT_DRAIN_SECONDS", 0, 600),
             defender_api_url=self.endpoint(
                 "DEFENDER_API_URL", cloud.defender_url, check_defender, cloud, required=bool(cloud.defender_url)
             ),

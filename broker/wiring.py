@@ -19,7 +19,7 @@ from azure.core.credentials import TokenCredential
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
 from broker import telemetry
-from broker.audit import AuditLog
+from broker.audit import AuditLog, AuditStore, KeyRing
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
 from broker.changes import RegistryChanges
 from broker.clouds import is_loopback_host
@@ -155,6 +155,30 @@ def quiet_sdk_loggers() -> None:
         sdk.setLevel(logging.WARNING)
 
 
+def audit_store(
+    settings: Settings, storage: StorageAccount | None = None, identity: TokenCredential | None = None
+) -> AuditStore:
+    """The audit log's table, anchor container and MAC key (the writer process builds its own)."""
+    identity = identity or azure_identity(settings)
+    storage = storage or StorageAccount(settings.storage, identity)
+    keys = KeyRing(
+        secret_client(settings.key_vault_url, identity),
+        settings.audit_key_name,
+        refresh_seconds=settings.secret_refresh_seconds,
+    )
+    return AuditStore(lambda: storage.table("audit"), lambda: storage.container("audit"), keys)
+
+
+def audit_log(settings: Settings, storage: StorageAccount, identity: TokenCredential) -> AuditLog:
+    return AuditLog(
+        audit_store(settings, storage, identity),
+        mode=settings.audit_mode,
+        writer=settings.audit_writer,
+        writer_env=settings.raw,
+        drain_seconds=settings.audit_drain_seconds,
+    )
+
+
 def build(
     settings: Settings,
     *,
@@ -229,7 +253,7 @@ def build(
         redirect_uri=settings.consent_redirect_uri,
         scope_for=lambda api_name: api_scope(settings, api_name),
     )
-    audit = AuditLog(lambda: storage.table("audit"), mode=settings.audit_mode)
+    audit = audit_log(settings, storage, identity)
     callers = CallerSwitches(lambda: storage.table("callers"))
     changes = RegistryChanges(audit, tenants, callers)
     doctor = Doctor(

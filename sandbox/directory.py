@@ -380,6 +380,7 @@ class Directory:
         client_secret_name: str = "broker-client-secret",  # noqa: S107 (a name, not a secret)
         client_certificate_name: str = "broker-client-certificate",
         cloud: str = "public",
+        audit_key_name: str = "broker-audit-key",
     ) -> None:
         self._lock = threading.RLock()
         self.shape = CLOUD_SHAPES[cloud]
@@ -389,6 +390,7 @@ class Directory:
         self.mi_token_lifetime = mi_token_lifetime
         self.client_secret_name = client_secret_name
         self.client_certificate_name = client_certificate_name
+        self.audit_key_name = audit_key_name
         self.vault = Vault()
         self.home = Tenant(
             tenant_id=stable_guid("tenant", home_name),
@@ -419,6 +421,7 @@ class Directory:
         """The demo world: broker credentials (secret and certificate in the vault, a FIC for its UAMI),
         three consented customer tenants and one caller app with its own UAMI."""
         self.rotate_client_secret()
+        self.vault.set_secret(self.audit_key_name, secrets.token_urlsafe(48))
         material = self.create_client_certificate()
         self.vault.set_secret(
             self.client_certificate_name, material.pem_bundle(), content_type="application/x-pem-file"

@@ -273,6 +273,7 @@ class Sandbox:
             "BROKER_CLIENT_ID": d.broker.client_id,
             "CLIENT_SECRET_NAME": d.client_secret_name,
             "CLIENT_CERTIFICATE_NAME": d.client_certificate_name,
+            "AUDIT_KEY_NAME": d.audit_key_name,
             "MANAGED_IDENTITY_CLIENT_ID": d.broker_identity.client_id,
             "CALLER_TENANT_ID": d.home.tenant_id,
             "CALLER_AUDIENCE": d.broker_audience,

@@ -39,6 +39,14 @@ class Access:
     tenant: Tenant
 
 
+def client_address(request: Request) -> str:
+    """The peer's address; behind the Functions host (no peer), the first ``X-Forwarded-For`` entry."""
+    if request.client is not None and request.client.host:
+        return request.client.host
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded[:64] if forwarded and forwarded.isprintable() else "-"
+
+
 def reason_of(exc: BrokerError) -> str:
     return exc.diagnostic if _REASON.fullmatch(exc.diagnostic) else exc.code
 
@@ -139,6 +147,11 @@ async def refused(
     caller: Caller | None = getattr(request.state, "caller", None)
     outcome = "denied" if exc.status < 500 else "failed"
     fields(request)["reason"] = reason_of(exc)
+    if caller is None and outcome == "denied":
+        # Nobody was named: counted per client address and interval, so a flood cannot bury real records.
+        request.state.audited = True
+        c.audit.refused_before_auth(client_address(request), action, exc.code, reason_of(exc))
+        return
     await audit(
         c,
         request,

@@ -66,6 +66,30 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
+@description('Container of the audit log\'s anchor blobs (`<STORAGE_PREFIX>-audit`): under a time-based immutability policy with protected append writes, so anchors can be added but not changed or deleted, not even by the account\'s owner.')
+param auditContainerName string = 'broker-audit'
+
+@description('Days each anchor blob stays immutable; verify can prove truncation only while anchors exist.')
+@minValue(1)
+param auditImmutabilityDays int = 400
+
+resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobs
+  name: auditContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource auditImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = {
+  parent: auditContainer
+  name: 'default'
+  properties: {
+    immutabilityPeriodSinceCreationInDays: auditImmutabilityDays
+    allowProtectedAppendWrites: true
+  }
+}
+
 resource queues 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: account
   name: 'default'
