@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INFRA_VENV := .venv-infra
 
-.PHONY: run test test-fast lint check bench deps clean
+.PHONY: run test test-fast lint check bench wrk deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,16 @@ lint: deps $(INFRA_VENV)/.installed
 check: lint
 	$(PY) -m pytest
 
+## wrk, the HTTP load generator bench.token drives the broker with (Debian package), when missing.
+wrk:
+	@command -v wrk >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk \
+		|| { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q \
+		&& $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }; }
+
 ## Benchmarks; each prints its figures against a baseline measured in the same run.
-bench: deps
+bench: deps wrk
 	$(PY) -m bench.token
 	$(PY) -m bench.sync
 	$(PY) -m bench.auth

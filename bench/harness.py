@@ -81,11 +81,13 @@ def stack(*, storage_prefix: str = "bench") -> Iterator[Stack]:
 
 
 @contextmanager
-def broker_process(env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """``python -m broker serve`` on a free loopback port: (host, port)."""
+def broker_process(env: dict[str, str], *, request_log: bool = True) -> Iterator[tuple[str, int]]:
+    """``python -m broker serve`` on a free loopback port: (host, port); ``request_log=False`` silences the
+    per-request summary line (``bench.serve``), to measure what it costs."""
     port = free_port()
+    command = ["broker", "serve"] if request_log else ["bench.serve", "--no-request-log"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", *command, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -165,3 +167,65 @@ def run_load(host: str, port: int, per_connection: Sequence[Sequence[bytes]]) ->
 
     wall = asyncio.run(main())
     return LoadResult(latencies, statuses, wall)
+
+
+@dataclass
+class WrkResult:
+    """What one wrk run measured: requests/s, latency percentiles (ms), and any non-2xx answers."""
+
+    rps: float
+    p50: float
+    p99: float
+    requests: int
+    errors: int
+
+    def line(self, label: str) -> str:
+        return f"{label:<52} {self.rps:>8.0f} req/s   p50 {self.p50:>6.2f} ms   p99 {self.p99:>6.2f} ms"
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(
+    url: str,
+    *,
+    connections: int,
+    seconds: float,
+    body: dict[str, object] | None = None,
+    headers: dict[str, str] | None = None,
+) -> WrkResult:
+    """Run wrk (one thread: the broker needs the other core) against ``url``; POST ``body`` when given."""
+    lines = []
+    if body is not None:
+        lines += ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
+        lines.append('wrk.headers["Content-Type"] = "application/json"')
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in (headers or {}).items()]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write("\n".join(lines) + "\n")
+    try:
+        run = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script.name, url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        )
+    finally:
+        os.unlink(script.name)
+    out = run.stdout
+
+    def latency(pct: str) -> float:
+        match = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            raise RuntimeError(f"wrk printed no {pct}% latency:\n{out}")
+        return float(match.group(1)) * _WRK_UNITS[match.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if not rps or not total:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    errors += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    return WrkResult(float(rps.group(1)), latency("50"), latency("99"), int(total.group(1)), errors)

@@ -137,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.http.app import create_app
 
     container = _container(args.host)
+    container.audit.start()
     try:
         uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:

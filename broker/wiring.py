@@ -311,6 +311,7 @@ def container() -> Container:
         if _container is None:
             try:
                 _container = build(Settings.from_environ())
+                _container.audit.start()
             except SettingsError as exc:
                 log.error("broker.start outcome=not_configured problems=%s", "; ".join(exc.problems))
                 raise NotConfigured(

@@ -115,6 +115,7 @@ class BrokerServer:
         self.client = httpx.Client(base_url=self.url, timeout=30.0, trust_env=False)
 
     def start(self) -> BrokerServer:
+        self.container.audit.start()
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:

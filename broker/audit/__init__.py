@@ -127,6 +127,12 @@ class AuditLog:
 
     # -- writing -------------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the writer process now rather than on the first record (a server calls this at start, so
+        the first requests do not wait for it to import and read its key)."""
+        if self._process is not None:
+            self._process.start()
+
     async def record(self, record: AuditRecord, *, wait: bool) -> Written | None:
         """Queue ``record``; with ``wait`` return once it is chained and stored or raise ``AuditUnavailable``."""
         if not wait:

@@ -78,9 +78,17 @@ class DropCounter:
 
 
 class GroupCommit:
-    def __init__(self, writer: ChainWriter, *, drain_seconds: float = DRAIN_SECONDS, where: str = "thread") -> None:
+    def __init__(
+        self,
+        writer: ChainWriter,
+        *,
+        drain_seconds: float = DRAIN_SECONDS,
+        max_pending: int = MAX_PENDING,
+        where: str = "thread",
+    ) -> None:
         self.writer = writer
         self.drain_seconds = drain_seconds
+        self.max_pending = max_pending
         self.drops = DropCounter(where)
         self.written = 0
         self.lost = 0
@@ -102,7 +110,7 @@ class GroupCommit:
                     raise AuditUnavailable(diagnostic="audit log closed")
                 self.drops.add()
                 return False
-            if len(self._pending) >= MAX_PENDING and not required:
+            if len(self._pending) >= self.max_pending and not required:
                 self.drops.add()
                 return False
             self._pending.append(_Item(record, required, done))
@@ -269,6 +277,11 @@ class ProcessTransport:
             line = {"n": n, "w": 1 if required else 0, "r": record.fields()}
             self._send((json.dumps(line, separators=(",", ":")) + "\n").encode())
         return True
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._ensure_child()
 
     def barrier(self, timeout: float) -> None:
         with self._lock:
@@ -452,6 +465,12 @@ def main() -> int:
     wiring.quiet_sdk_loggers()
     settings = Settings.from_environ()
     store = wiring.audit_store(settings)
+    try:  # be ready before the first record arrives: the key, the table, the anchor container
+        store.keys.current()
+        store.table()
+        store.container()
+    except Exception as exc:  # the first write tries again, and its waiters learn why it failed
+        log.error("audit.writer outcome=not_ready error=%r", exc)
     group = GroupCommit(
         ChainWriter(store.table, store.anchors, store.keys), drain_seconds=settings.audit_drain_seconds, where="writer"
     )
