@@ -204,7 +204,18 @@ def wrk(
         script.write("\n".join(lines) + "\n")
     try:
         run = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script.name, url],
+            [
+                "wrk",
+                "-t1",
+                "--timeout",
+                "10s",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
             capture_output=True,
             text=True,
             timeout=seconds + 60,

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import requests
 from azure.core.credentials import TokenCredential
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+from azure.keyvault.secrets import SecretClient
 
-from broker import telemetry
+from broker import requestlog, telemetry
 from broker.audit import AuditLog, AuditStore, KeyRing
 from broker.callers import Authenticator, CallerSwitches, EntraAuthenticator, LoopbackOnly, SigningKeys
 from broker.changes import RegistryChanges
@@ -64,6 +65,7 @@ class Container:
     onboarding: Onboarding
 
     def close(self) -> None:
+        requestlog.flush_all()
         self.readiness.close()
         self.health.close()
         self.audit.close()
@@ -156,22 +158,28 @@ def quiet_sdk_loggers() -> None:
 
 
 def audit_store(
-    settings: Settings, storage: StorageAccount | None = None, identity: TokenCredential | None = None
+    settings: Settings,
+    storage: StorageAccount | None = None,
+    identity: TokenCredential | None = None,
+    vault: SecretClient | None = None,
 ) -> AuditStore:
-    """The audit log's table, anchor container and MAC key (the writer process builds its own)."""
+    """The audit log's table, anchor container and MAC key (read from Key Vault by the broker's process;
+    its writer process gets the key over its pipe and talks to storage only)."""
     identity = identity or azure_identity(settings)
     storage = storage or StorageAccount(settings.storage, identity)
     keys = KeyRing(
-        secret_client(settings.key_vault_url, identity),
+        vault or secret_client(settings.key_vault_url, identity),
         settings.audit_key_name,
         refresh_seconds=settings.secret_refresh_seconds,
     )
     return AuditStore(lambda: storage.table("audit"), lambda: storage.container("audit"), keys)
 
 
-def audit_log(settings: Settings, storage: StorageAccount, identity: TokenCredential) -> AuditLog:
+def audit_log(
+    settings: Settings, storage: StorageAccount, identity: TokenCredential, vault: SecretClient | None = None
+) -> AuditLog:
     return AuditLog(
-        audit_store(settings, storage, identity),
+        audit_store(settings, storage, identity, vault),
         mode=settings.audit_mode,
         writer=settings.audit_writer,
         writer_env=settings.raw,
@@ -199,6 +207,7 @@ def build(
     storage = StorageAccount(settings.storage, identity)
     credentials: CredentialSource
     credential_check: tuple[str, Callable[[], None]]
+    vault = secret_client(settings.key_vault_url, identity)  # the app's credential and the audit key
     if settings.credential_mode == "federated":
         assert settings.managed_identity_client_id  # enforced by the settings parser
         federated = FederatedCredentialSource(
@@ -208,7 +217,6 @@ def build(
         credentials = federated
         credential_check = ("managed_identity", federated.assertion_check)
     else:
-        vault = secret_client(settings.key_vault_url, identity)
         name = (
             settings.client_certificate_name
             if settings.credential_mode == "certificate"
@@ -253,7 +261,7 @@ def build(
         redirect_uri=settings.consent_redirect_uri,
         scope_for=lambda api_name: api_scope(settings, api_name),
     )
-    audit = audit_log(settings, storage, identity)
+    audit = audit_log(settings, storage, identity, vault)
     callers = CallerSwitches(lambda: storage.table("callers"))
     changes = RegistryChanges(audit, tenants, callers)
     doctor = Doctor(

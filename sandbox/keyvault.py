@@ -216,7 +216,7 @@ def create_keyvault_app(directory: Directory, recorder: Recorder) -> Any:
     async def get_secret(request: Request) -> Response:
         name = request.path_params["name"]
         version = request.path_params.get("version", "")
-        recorder.hit("kv.get")
+        recorder.hit("kv.get", name.lower())  # also counted per secret: kv.get:<name>
         found = vault.get_secret(name, version or None)
         if found is None:
             return not_found(f"{name}/{version}" if version else name)

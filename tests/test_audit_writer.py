@@ -3,6 +3,7 @@ on SIGTERM the writer process drains within its window and says what it wrote an
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -102,6 +103,10 @@ def test_sigterm_drains_the_writer_process_and_counts_what_it_lost(env: dict[str
         child.stdin.write("".join(lines).encode())
         child.stdin.flush()
 
+    key = wiring.audit_store(Settings.from_environ(env)).keys.current()  # the broker passes it on
+    child.stdin.write(
+        (json.dumps({"key": {"id": key.id, "secret": base64.b64encode(key.secret).decode()}}) + "\n").encode()
+    )
     send(0, 200, wait=True)
     acked = 0
     while acked < 200:  # every awaited record is acknowledged once written

@@ -109,7 +109,7 @@ class AuditLog:
         self._process: ProcessTransport | None = None
         if writer == "process":
             env = {**os.environ, **(writer_env or {})}
-            self._process = ProcessTransport(env, drain_seconds=drain_seconds)
+            self._process = ProcessTransport(env, store.keys, drain_seconds=drain_seconds)
         else:
             chain = ChainWriter(store.table, store.anchors, store.keys)
             self._group = GroupCommit(chain, drain_seconds=drain_seconds)

@@ -34,7 +34,7 @@ from broker.audit.anchors import Anchors
 from broker.audit.records import (
     ZERO_MAC,
     AuditRecord,
-    KeyRing,
+    KeySource,
     Written,
     block_entity,
     block_rows,
@@ -93,7 +93,7 @@ class ChainWriter:
         self,
         table: Callable[[], TableClient],
         anchors: Anchors,
-        keys: KeyRing,
+        keys: KeySource,
         *,
         anchor_seconds: float = ANCHOR_SECONDS,
         clock: Callable[[], float] = time.monotonic,

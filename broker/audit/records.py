@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.keyvault.secrets import SecretClient
@@ -112,6 +112,25 @@ class Key:
         return hmac.new(self.secret, body, hashlib.sha256).hexdigest()
 
 
+class KeySource(Protocol):
+    def current(self) -> Key: ...
+
+
+class PushedKey:
+    """The writer process's key: whatever the broker sent last over the pipe."""
+
+    def __init__(self) -> None:
+        self._key: Key | None = None
+
+    def set(self, key: Key) -> None:
+        self._key = key
+
+    def current(self) -> Key:
+        if self._key is None:
+            raise AuditUnavailable(diagnostic="the audit writer has no key yet")
+        return self._key
+
+
 class KeyRing:
     """The audit MAC key from Key Vault: the current version for writing (re-read every
     ``refresh_seconds``, so a rotation needs no restart), any recorded version for verifying."""
@@ -125,6 +144,7 @@ class KeyRing:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self.refresh_seconds = refresh_seconds
         self._client = client
         self._refresh = refresh_seconds
         self._clock = clock

@@ -14,6 +14,7 @@ end-of-file, drains and exits; SIGTERM starts its drain clock.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -28,8 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+from broker.audit.anchors import Anchors
 from broker.audit.chain import ChainWriter
-from broker.audit.records import AuditRecord, Written, size
+from broker.audit.records import AuditRecord, Key, KeyRing, PushedKey, Written, size
 from broker.errors import AuditUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ MAX_BLOCK_CHARS = 300_000  # JSON per row; stored as UTF-16, well under the 1 Mi
 MAX_PENDING = 10_000
 MAX_PIPE_BACKLOG = 4 * 1024 * 1024  # bytes the broker buffers when the writer process reads too slowly
 DRAIN_SECONDS = 5.0
+GROUP_LINGER_SECONDS = 0.002
 _DROP_LOG_SECONDS = 1.0
 
 Done = Callable[[Written | None, BaseException | None], None]
@@ -101,6 +104,8 @@ class GroupCommit:
         self._closed = False
         self._deadline = float("inf")
         self._in_flight = False
+        self._expect = 0  # records expected in the next block (see _run)
+        self._linger_until = 0.0
 
     def submit(self, record: AuditRecord, *, required: bool, done: Done) -> bool:
         """Queue ``record``; False (and counted) when it is best effort and the queue is full."""
@@ -167,6 +172,16 @@ class GroupCommit:
                     if self.writer.anchor_due():
                         break
                     self._cond.wait(self.writer.anchor_seconds)
+                # Group commit that expects its waiters back: the requests the last block released send
+                # their next records within a round trip; wait that long (at most GROUP_LINGER_SECONDS)
+                # so they share this block instead of splitting into two alternating half-size groups.
+                while (
+                    self._pending
+                    and not self._closed
+                    and len(self._pending) < min(self._expect, MAX_RECORDS_PER_BLOCK)
+                    and (left := self._linger_until - time.monotonic()) > 0
+                ):
+                    self._cond.wait(left)
                 barriers = self._due_barriers()
                 if self._pending and time.monotonic() >= self._deadline:
                     self._give_up()
@@ -233,6 +248,9 @@ class GroupCommit:
                 self.written += len(items)
                 for item, where in zip(items, written, strict=True):
                     item.done(where, None)
+            with self._cond:
+                self._expect = sum(1 for i in batch if i.required) + len(self._pending)
+                self._linger_until = time.monotonic() + GROUP_LINGER_SECONDS
         finally:
             with self._cond:
                 self._in_flight = False
@@ -245,8 +263,10 @@ class GroupCommit:
 class ProcessTransport:
     """The broker's end of the writer process."""
 
-    def __init__(self, env: Mapping[str, str], *, drain_seconds: float = DRAIN_SECONDS) -> None:
+    def __init__(self, env: Mapping[str, str], keys: KeyRing, *, drain_seconds: float = DRAIN_SECONDS) -> None:
         self._env = dict(env)
+        self._keys = keys
+        self._key_sent = ""
         self.drain_seconds = drain_seconds
         self.drops = DropCounter("broker")
         self._lock = threading.Lock()
@@ -269,7 +289,13 @@ class ProcessTransport:
             if not required and len(self._backlog) > MAX_PIPE_BACKLOG:
                 self.drops.add()
                 return False
-            self._ensure_child()
+            try:
+                self._ensure_child()
+            except AuditUnavailable:
+                if required:
+                    raise
+                self.drops.add()
+                return False
             self._next += 1
             n = self._next
             if required:
@@ -321,6 +347,7 @@ class ProcessTransport:
     def _ensure_child(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
+        key = self._keys.current()  # before the child exists: without a key it could write nothing
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.audit"],
             stdin=subprocess.PIPE,
@@ -334,8 +361,31 @@ class ProcessTransport:
         proc.stdin.close()
         os.set_blocking(self._fd, False)
         self._backlog.clear()
+        self._send_key(key)
         threading.Thread(target=self._read_acks, args=(proc, proc.stdout), name="audit-acks", daemon=True).start()
         threading.Thread(target=self._pump, args=(proc,), name="audit-pipe", daemon=True).start()
+        threading.Thread(target=self._rotate, args=(proc,), name="audit-key", daemon=True).start()
+
+    def _send_key(self, key: Key) -> None:
+        """Give the child ``key`` (called with the lock held); it uses the newest it was given."""
+        secret = base64.b64encode(key.secret).decode()
+        self._send((json.dumps({"key": {"id": key.id, "secret": secret}}) + "\n").encode())
+        self._key_sent = key.id
+
+    def _rotate(self, proc: subprocess.Popen[bytes]) -> None:
+        """Re-read the key every refresh interval (a rotation needs no restart) and pass a new version on."""
+        while True:
+            time.sleep(self._keys.refresh_seconds)
+            with self._lock:
+                if self._proc is not proc or self._fd < 0:
+                    return
+            try:
+                key = self._keys.current()
+            except AuditUnavailable:
+                continue  # logged by the key ring; the child keeps the key it has
+            with self._lock:
+                if self._proc is proc and self._fd >= 0 and key.id != self._key_sent:
+                    self._send_key(key)
 
     def _send(self, data: bytes) -> None:
         if self._backlog:
@@ -413,7 +463,7 @@ class ProcessTransport:
             callback(None, error)
 
 
-def child_main(group: GroupCommit, stdin: IO[bytes], stdout: IO[bytes]) -> int:
+def child_main(group: GroupCommit, keys: PushedKey, stdin: IO[bytes], stdout: IO[bytes]) -> int:
     """The writer process: records from ``stdin`` into ``group``, acknowledgements to ``stdout``."""
     out_lock = threading.Lock()
 
@@ -443,6 +493,9 @@ def child_main(group: GroupCommit, stdin: IO[bytes], stdout: IO[bytes]) -> int:
     for raw in stdin:
         try:
             message = json.loads(raw)
+            if "key" in message:
+                keys.set(Key(str(message["key"]["id"]), base64.b64decode(message["key"]["secret"])))
+                continue
             if "flush" in message:
                 group.barrier(flushed(int(message["flush"])))
                 continue
@@ -460,18 +513,18 @@ def main() -> int:
     """``python -m broker.audit``: the audit writer process, configured from the environment."""
     from broker import wiring
     from broker.settings import Settings
+    from broker.storage import StorageAccount
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     wiring.quiet_sdk_loggers()
     settings = Settings.from_environ()
-    store = wiring.audit_store(settings)
-    try:  # be ready before the first record arrives: the key, the table, the anchor container
-        store.keys.current()
-        store.table()
-        store.container()
+    storage = StorageAccount(settings.storage, wiring.azure_identity(settings))
+    keys = PushedKey()
+    try:  # be ready before the first record arrives: the table and the anchor container exist
+        storage.table("audit")
+        storage.container("audit")
     except Exception as exc:  # the first write tries again, and its waiters learn why it failed
         log.error("audit.writer outcome=not_ready error=%r", exc)
-    group = GroupCommit(
-        ChainWriter(store.table, store.anchors, store.keys), drain_seconds=settings.audit_drain_seconds, where="writer"
-    )
-    return child_main(group, sys.stdin.buffer, sys.stdout.buffer)
+    chain = ChainWriter(lambda: storage.table("audit"), Anchors(lambda: storage.container("audit")), keys)
+    group = GroupCommit(chain, drain_seconds=settings.audit_drain_seconds, where="writer")
+    return child_main(group, keys, sys.stdin.buffer, sys.stdout.buffer)

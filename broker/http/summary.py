@@ -9,7 +9,8 @@ ASCII (``U+2028`` included). A value therefore can never add a pair of its own o
 
 Routes add fields to :func:`fields` as they learn them (the gate in :mod:`broker.http.access` adds the
 caller, the tenant, the refusal reason and the audit reference); :func:`summarised` adds the outcome,
-the error code, the duration and the request id, and writes the line when the request ends.
+the error code, the duration and the request id, and queues the line when the request ends: lines reach
+``logging`` in batches (``broker.requestlog``), one log record per request cost a third of a request.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from starlette.requests import Request
 
 from broker.errors import BrokerError, CallerError, RequestError
+from broker.requestlog import summary_log
 
 log = logging.getLogger(__name__)
 
@@ -94,4 +96,5 @@ async def summarised(request: Request, event: str, **initial: object) -> AsyncIt
     finally:
         summary["duration_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
         summary["request_id"] = request_id(request)
-        log.info("%s %s", event, format_pairs(summary))
+        if log.isEnabledFor(logging.INFO):
+            summary_log(log, event).add(f"{event} {format_pairs(summary)}")
