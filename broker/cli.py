@@ -7,6 +7,7 @@ malformed setting is reported by name, all at once, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -124,8 +125,11 @@ def _configure_logging(*, verbose: bool) -> None:
 _opened: list[wiring.Container] = []
 
 
-def _container(bind_host: str = _NO_LISTENER) -> wiring.Container:
-    container = wiring.build(Settings.from_environ(), bind_host=bind_host)
+def _container(bind_host: str = _NO_LISTENER, *, serving: bool = False) -> wiring.Container:
+    settings = Settings.from_environ()
+    if not serving:  # a one-shot command writes its few audit records itself, without a writer process
+        settings = dataclasses.replace(settings, audit_writer="thread")
+    container = wiring.build(settings, bind_host=bind_host)
     wiring.install(container)
     _opened.append(container)
     return container
@@ -136,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from broker.http.app import create_app
 
-    container = _container(args.host)
+    container = _container(args.host, serving=True)
     container.audit.start()
     try:
         uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -108,6 +108,7 @@ def test_sigterm_drains_the_writer_process_and_counts_what_it_lost(env: dict[str
         (json.dumps({"key": {"id": key.id, "secret": base64.b64encode(key.secret).decode()}}) + "\n").encode()
     )
     send(0, 200, wait=True)
+    assert json.loads(child.stdout.readline()) == {"ready": 1}
     acked = 0
     while acked < 200:  # every awaited record is acknowledged once written
         assert json.loads(child.stdout.readline())["ok"]

@@ -31,6 +31,7 @@ from kiota_authentication_azure.azure_identity_authentication_provider import Az
 from msgraph import GraphRequestAdapter, GraphServiceClient
 from partner_broker_client import BrokerAuthenticationError, BrokerCredential
 
+from broker import requestlog
 from sandbox.server import Sandbox
 from sandbox.state import Fault
 
@@ -316,7 +317,9 @@ def test_the_brokers_retry_after_is_honoured(
         with _credential(sandbox, broker, own, "contoso") as credential:
             token = credential.get_token(GRAPH)
         assert decode_claims(token.token)["tid"] == _guid(sandbox, "contoso")
-        outcomes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token.issue")]
+        requestlog.flush_all()  # summary lines reach the log in batches
+        lines = [line for r in caplog.records for line in r.getMessage().split("\n")]
+        outcomes = [line for line in lines if line.startswith("token.issue")]
         assert len(outcomes) == 2
         assert "code=rate_limited" in outcomes[0]
         assert "outcome=issued" in outcomes[1]

@@ -21,12 +21,14 @@ from typing import Any
 import httpx
 import pytest
 from azure.data.tables import TableClient
+from azure.storage.blob import ContainerClient
 from conftest import DEFENDER, ROOT, BrokerServer, broker_environment, decode_claims, start_broker
 from entra_callers import Identity, bearer, grant, new_identity, policy, start_entra_broker, token_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.audit import AuditLog
+from broker.audit import AuditLog, AuditStore
+from broker.audit.records import Key, PushedKey
 from broker.callers import CallerSwitches
 from broker.changes import CLI_OPERATOR, RegistryChanges
 from broker.errors import AuditUnavailable
@@ -323,7 +325,11 @@ def _devrun(env: dict[str, str], port: int, *flags: str) -> subprocess.Popen[str
     "real",
     [
         {"KEY_VAULT_URL": "https://contoso-broker.vault.azure.net"},
-        {"CLIENT_CREDENTIAL_MODE": "federated", "MANAGED_IDENTITY_CLIENT_ID": "11111111-2222-3333-4444-555555555555"},
+        {
+            "CLIENT_CREDENTIAL_MODE": "federated",
+            "MANAGED_IDENTITY_CLIENT_ID": "11111111-2222-3333-4444-555555555555",
+            "KEY_VAULT_URL": "https://contoso-broker.vault.azure.net",  # the audit key's vault
+        },
     ],
 )
 def test_make_run_refuses_no_caller_auth_in_front_of_a_real_credential(azurite: str, real: dict[str, str]) -> None:
@@ -361,7 +367,14 @@ def refusing_audit(connection_string: str) -> AuditLog:
     wrong = re.sub(
         r"AccountKey=[^;]+", "AccountKey=" + base64.b64encode(b"not the key" * 6).decode(), connection_string
     )
-    return AuditLog(lambda: TableClient.from_connection_string(wrong, table_name="refusedaudit"), write_timeout=5)
+    key = PushedKey()  # a key is not what fails here: the storage account refuses
+    key.set(Key("refused-audit-key/1", b"k" * 32))
+    store = AuditStore(
+        lambda: TableClient.from_connection_string(wrong, table_name="refusedaudit"),
+        lambda: ContainerClient.from_connection_string(wrong, "refused-audit"),
+        key,  # type: ignore[arg-type]
+    )
+    return AuditLog(store, write_timeout=5)
 
 
 def test_an_admin_change_the_audit_log_cannot_record_is_not_made(sandbox: Sandbox, azurite: str) -> None:

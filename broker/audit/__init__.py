@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ class AuditLog:
         future: asyncio.Future[Written] = loop.create_future()
 
         def done(where: Written | None, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, future, where, error)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, where, error)
 
         self._submit(record, done)
         try:

@@ -41,6 +41,7 @@ MAX_BLOCK_CHARS = 300_000  # JSON per row; stored as UTF-16, well under the 1 Mi
 MAX_PENDING = 10_000
 MAX_PIPE_BACKLOG = 4 * 1024 * 1024  # bytes the broker buffers when the writer process reads too slowly
 DRAIN_SECONDS = 5.0
+READY_TIMEOUT_SECONDS = 30.0
 GROUP_LINGER_SECONDS = 0.002
 _DROP_LOG_SECONDS = 1.0
 
@@ -278,6 +279,7 @@ class ProcessTransport:
         self._flushes: dict[int, threading.Event] = {}
         self._next = 0
         self._closed = False
+        self._ready = threading.Event()
 
     def submit(self, record: AuditRecord, *, required: bool, done: Done) -> bool:
         with self._lock:
@@ -304,10 +306,19 @@ class ProcessTransport:
             self._send((json.dumps(line, separators=(",", ":")) + "\n").encode())
         return True
 
-    def start(self) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Start the child and wait (at most ``timeout``) until it is ready to write."""
         with self._lock:
-            if not self._closed:
+            if self._closed:
+                return
+            try:
                 self._ensure_child()
+            except AuditUnavailable as exc:  # no key yet: the first record tries again
+                log.error("audit.writer outcome=not_started error=%s", exc.diagnostic)
+                return
+            ready = self._ready
+        if not ready.wait(timeout):
+            log.error("audit.writer outcome=slow_start waited_s=%.0f", timeout)
 
     def barrier(self, timeout: float) -> None:
         with self._lock:
@@ -357,6 +368,7 @@ class ProcessTransport:
         assert proc.stdin is not None
         assert proc.stdout is not None
         self._proc = proc
+        self._ready = threading.Event()
         self._fd = os.dup(proc.stdin.fileno())
         proc.stdin.close()
         os.set_blocking(self._fd, False)
@@ -430,7 +442,9 @@ class ProcessTransport:
             except ValueError:
                 continue
             with self._lock:
-                if "ok" in message:
+                if "ready" in message:
+                    self._ready.set()
+                elif "ok" in message:
                     done = [(self._waiters.pop(n, None), Written(day, seq, mac)) for n, day, seq, mac in message["ok"]]
                     for callback, where in done:
                         if callback is not None:
@@ -488,6 +502,7 @@ def child_main(group: GroupCommit, keys: PushedKey, stdin: IO[bytes], stdout: IO
     def flushed(token: int) -> Callable[[], None]:
         return lambda: reply({"flushed": token})
 
+    reply({"ready": 1})
     signal.signal(signal.SIGTERM, lambda *_: group.start_drain())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker's Ctrl-C reaches us too: drain, don't die
     for raw in stdin:
