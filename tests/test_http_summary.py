@@ -12,6 +12,7 @@ import pytest
 from conftest import DEFENDER, BrokerServer
 from starlette.requests import Request
 
+from broker import requestlog
 from broker.errors import BadRequest
 from broker.http.summary import MAX_VALUE_CHARS, summarised
 from sandbox.server import Sandbox
@@ -47,8 +48,14 @@ def parse(message: str) -> tuple[str, dict[str, str]]:
     return event, pairs
 
 
+def raw_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The summary lines logged so far (they reach the log in batches, one line per line of a message)."""
+    requestlog.flush_all()
+    return [line for r in caplog.records if r.name == "broker.http.summary" for line in r.getMessage().split("\n")]
+
+
 def summary_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, str]]]:
-    return [parse(r.getMessage()) for r in caplog.records if r.name == "broker.http.summary"]
+    return [parse(line) for line in raw_lines(caplog)]
 
 
 def _request(headers: list[tuple[bytes, bytes]] | None = None) -> Request:
@@ -65,8 +72,7 @@ def test_no_value_can_forge_a_pair_or_a_line(caplog: pytest.LogCaptureFixture) -
                 fields[f"v{n}"] = value
 
     asyncio.run(serve())
-    [record] = [r for r in caplog.records if r.name == "broker.http.summary"]
-    message = record.getMessage()
+    [message] = raw_lines(caplog)
     assert not re.search(r"[\r\n\u2028\u2029\x00-\x1f\x7f-\uffff]", message)
     event, pairs = parse(message)
     assert event == "test.event"
