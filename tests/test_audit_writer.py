@@ -63,7 +63,9 @@ def test_a_full_queue_drops_best_effort_records_counts_them_and_keeps_waited_one
     chain = ChainWriter(lambda: held, store.anchors, store.keys)
     group = GroupCommit(chain, max_pending=5)
     outcomes: list[Written | None] = []
-    group.submit(_record(0), required=True, done=lambda w, e: outcomes.append(w))
+    first = threading.Event()
+    group.submit(_record(0), required=True, done=lambda w, e: (outcomes.append(w), first.set()))
+    assert first.wait(10)  # written: the next insert is record 1's
     hook.hold = ("insert",)
     group.submit(_record(1), required=True, done=lambda w, e: outcomes.append(w))
     assert hook.held.wait(10)
