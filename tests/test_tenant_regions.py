@@ -64,7 +64,7 @@ def test_the_admin_route_adds_and_updates_a_tenants_region(served: BrokerServer)
     assert served.container.tenants.resolve("acme").defender_url == "https://au.api.security.microsoft.com"
     status, problem = put(served, guid, tenant_id=guid)
     assert status == 400  # a GUID is never a name
-    served.container.audit.flush()  # index rows (what a query by tenant reads) follow within about a second
+    served.container.audit.flush()  # index rows (what a query by tenant reads) follow the chain row
     moment = datetime.now(UTC)
     records, _ = served.container.audit.query(moment - timedelta(minutes=5), moment, tenant=guid, limit=100)
     reasons = [r["reason"] for r in records]

@@ -15,7 +15,7 @@ Public API (what routes, the CLI and other modules use)::
 
 **Model.** Table ``{prefix}audit``, one partition per UTC day. Records are stored in blocks, one row per
 block (``c<inverted position>``), written by one insert however many requests wait (group commit), with
-index rows per tenant and per caller following within a second (``records``, ``chain``). Every record
+index rows per tenant and per caller following just after (``records``, ``chain``). Every record
 carries a MAC (HMAC-SHA256) under a key the storage account does not hold — the Key Vault secret
 ``AUDIT_KEY_NAME``, read through the broker's Key Vault client, its version recorded in each record —
 and the MAC of the record before it; a day's first record links to the previous day's head, however

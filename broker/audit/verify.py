@@ -260,7 +260,8 @@ def query(
     """Records with ``start <= time <= end``, newest first; returns the page and the next cursor.
 
     Without ``tenant`` or ``caller`` this reads the chain rows themselves. With either it reads the
-    index rows, which follow the chain row within about a second (the index writer gathers them): a
+    index rows, which the index writer adds just after the chain row (tens of milliseconds; more blocks
+    share one index write when it is busy): a
     record whose index rows are not there yet, or are missing because the process stopped between the
     two writes (logged as ``audit.index outcome=failed``), is not returned by such a query until
     ``python -m broker audit verify --repair`` rewrites them from the chain.
