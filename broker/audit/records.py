@@ -151,12 +151,15 @@ class KeyRing:
         self._lock = threading.Lock()
         self._current: Key | None = None
         self._read_at = float("-inf")
+        self._retry_at = float("-inf")
         self._versions: dict[str, Key | None] = {}
 
     def current(self) -> Key:
         with self._lock:
             if self._current is not None and self._clock() - self._read_at < self._refresh:
                 return self._current
+            if self._current is None and self._clock() < self._retry_at:
+                raise AuditUnavailable(diagnostic=f"audit key {self.name}: unavailable, retried every 15 s")
             try:
                 secret = self._client.get_secret(self.name)
             except AzureError as exc:
@@ -165,6 +168,7 @@ class KeyRing:
                     self._read_at = self._clock() - self._refresh + 15
                     return self._current
                 log.error("audit.key outcome=unavailable name=%s error=%s", self.name, exc.__class__.__name__)
+                self._retry_at = self._clock() + 15  # not a vault round trip per record while it is down
                 raise AuditUnavailable(diagnostic=f"audit key {self.name}: {exc.__class__.__name__}") from exc
             key = self._key(secret.properties.version or "", secret.value or "")
             self._current, self._read_at = key, self._clock()
