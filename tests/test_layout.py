@@ -82,7 +82,7 @@ def test_no_module_imports_another_modules_private_names() -> None:
     """``from x import _y`` (or ``import x._y``) couples to what ``x`` keeps free to change."""
     offenders = [
         f"{path.relative_to(ROOT)}: {module} {names}"
-        for path, tree in _modules("broker", "function_app.py", "sandbox", "devrun", "tests")
+        for path, tree in _modules("broker", "function_app.py", "sandbox", "devrun", "bench", "tests")
         for module, names in _imports(tree)
         if any(_private(part) for part in module.split(".")) or any(_private(n) for n in names)
     ]
