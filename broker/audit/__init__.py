@@ -29,13 +29,20 @@ re-hash made without the key. What it cannot see: records written after the last
 outside witness for those; and anyone who holds the audit key (Key Vault) can forge records.
 
 **Where the storage work runs.** By default (``AUDIT_WRITER=process``) in a writer process the broker
-starts on first use and feeds over a pipe: the request path only serialises the record and writes one
-line to the pipe; strict waiters get an acknowledgement per block. Measured on this 2-core machine
-(``bench/token.py``, see the README): with the writer in a thread, the storage SDK's work (azure-core's
-pipeline, and ``submit_transaction``'s thread pool per call for index rows) took about a third of the
-process's GIL time and held best-effort issuance at 21 % of the HTTP ceiling; in a process of its own,
-the figures in the README. ``AUDIT_WRITER=thread`` keeps everything in the broker's process (for hosts
-that forbid child processes). The child lives exactly as long as its pipe: it cannot outlive the worker.
+starts with the server and feeds over a pipe (``writer``): the request path serialises the record and
+appends one line to a buffer; best-effort lines go out coalesced, one pipe write per 5 ms, records
+somebody waits for at once, and strict waiters get an acknowledgement per block. The broker reads the
+key from Key Vault and hands it (and each rotated version) to the child, which talks to storage only.
+Alternatives measured on this 2-core machine (``bench/token.py``, interleaved rounds, see the README):
+with the writer in a thread, the storage SDK's work (azure-core's pipeline; ``submit_transaction``'s
+thread pool per call for index rows) took about a third of the process's GIL time and held best-effort
+issuance at 21 % of the HTTP ceiling (issue 10); the same run that measured the writer process at 1,094
+req/s measured the thread at 567 (2,359 vs 1,192 in a calmer run). A write to the pipe per record cost
+the broker 6 ms under load (waking the child preempts it), hence the coalescing; fewer, cheaper SDK
+calls in-process would still share the GIL. ``AUDIT_WRITER=thread`` keeps everything in the broker's
+process (hosts that forbid child processes; one-shot CLI commands). The child lives exactly as long as
+its pipe: when the broker closes it or dies, the child drains (at most ``AUDIT_DRAIN_SECONDS``) and
+exits; SIGTERM starts the same drain.
 """
 
 from __future__ import annotations
