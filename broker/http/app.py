@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import wiring
 from broker.errors import PROBLEM_CONTENT_TYPE, BadRequest, BrokerError, MethodNotAllowed, NotFound, PayloadTooLarge
 from broker.http.admin import admin_routes
 from broker.http.bodies import describe
+from broker.http.contract import contract, finish_document
 from broker.http.guards import CrossSiteGuard
 from broker.http.incidents import incidents_routes
 from broker.http.issuance import token_routes
@@ -100,7 +105,9 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
     )
 
     app.add_middleware(BodyLimit)
-    app.add_middleware(CrossSiteGuard, container=container, refuse=_send_problem)
+    app.add_middleware(
+        CrossSiteGuard, container=container, refuse=_send_problem, serves=lambda scope: _serves(app, scope)
+    )
     app.add_middleware(TracedApp)  # outermost: the request span covers everything else
     app.include_router(admin_routes(container))
     app.include_router(incidents_routes(container))
@@ -118,7 +125,9 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 405:
-            return problem_response(MethodNotAllowed(f"{request.method} is not allowed here"), request_id(request))
+            response = problem_response(MethodNotAllowed(f"{request.method} is not allowed here"), request_id(request))
+            response.headers["Allow"] = _allowed_methods(app, request)
+            return response
         return problem_response(NotFound(f"no route {request.url.path}"), request_id(request))
 
     @app.exception_handler(Exception)
@@ -126,8 +135,47 @@ def create_app(container: Callable[[], Container] = wiring.container) -> FastAPI
         log.exception("request.error path=%s request_id=%s", request.url.path, request_id(request))
         return problem_response(BrokerError("unexpected error; operators: see the log"), request_id(request))
 
-    @app.get("/api/health")
+    @app.get("/api/health", **HEALTH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_document(app, _allowed_scopes(container))
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     return app
+
+
+class Health(BaseModel):
+    """The app is up (it checks nothing else; readiness is another question)."""
+
+    status: Literal["ok"]
+
+
+HEALTH = contract(operation_id="health", summary="Liveness: the app answers", role=None, ok=Health, errors=())
+
+
+def _serves(app: FastAPI, scope: Scope) -> bool:
+    """Whether some route serves this method at this path."""
+    return any(route.matches(scope)[0] is Match.FULL for route in iter_route_contexts(app.routes))
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method some route serves at this path (RFC 9110: a 405 says them in ``Allow``). Starlette names
+    only the first matching route's, and a path may have one route per method."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+def _allowed_scopes(container: Callable[[], Container]) -> tuple[str, ...]:
+    """This deployment's scopes for the document, when the broker is configured (else the document says less)."""
+    try:
+        return tuple(container().settings.allowed_scopes)
+    except BrokerError:
+        return ()

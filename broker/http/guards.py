@@ -48,10 +48,12 @@ class CrossSiteGuard:
         *,
         container: Callable[[], Container],
         refuse: Callable[[Send, BrokerError], Awaitable[None]],
+        serves: Callable[[Scope], bool] = lambda _scope: True,
     ) -> None:
         self.app = app
         self.container = container
         self.refuse = refuse
+        self.serves = serves
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -70,7 +72,8 @@ class CrossSiteGuard:
 
     def check(self, scope: Scope) -> BrokerError | None:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
-        if scope.get("method") not in SAFE_METHODS:
+        # A method no route serves at that path changes nothing: the router answers it (405 with Allow).
+        if scope.get("method") not in SAFE_METHODS and self.serves(scope):
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "application/json":
                 return UnsupportedMediaType(

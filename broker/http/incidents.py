@@ -9,16 +9,20 @@ first; ``cursor`` continues where the previous page stopped (it is bound to the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from broker.callers import Caller
 from broker.errors import BadRequest
 from broker.http import access
+from broker.http.contract import GATE, GUID_PATTERN, TENANT, TENANT_REF, Param, contract
 from broker.http.summary import fields, summarised
 from broker.incidents.cursors import decode_cursor, encode_cursor
 from broker.incidents.ticks import parse_ticks
+from broker.policy import ROLE_INCIDENTS
 from broker.tenants import Tenant
 from broker.wiring import Container
 
@@ -70,10 +74,88 @@ def _query(request: Request) -> dict[str, Any]:
     return out
 
 
-async def _tenant(c: Container, request: Request, ref: object) -> Tenant:
-    """The tenant a caller may read incidents of (authentication, policy, kill switch, audit of refusals)."""
-    caller = await access.authenticate(c, request, "incidents")
+async def _tenant(c: Container, request: Request, caller: Caller, ref: object) -> Tenant:
+    """The tenant ``caller`` may read incidents of (policy, kill switch, audit of refusals)."""
     return (await access.authorize(c, request, ref, "incidents", caller=caller)).tenant
+
+
+class IncidentRow(BaseModel):
+    """One stored incident: the index fields and the incident as the tenant's API returned it."""
+
+    id: str = Field(description="The incident id in the tenant's API.")
+    lastUpdate: str = Field(description="When it was last updated (ISO 8601, UTC).")  # noqa: N815 (the wire name)
+    status: str
+    severity: str
+    mergedInto: str | None = Field(description="The incident it was merged into, if any.")  # noqa: N815
+    incident: dict[str, Any] = Field(description="The incident document (Defender XDR or Graph shape, per `api`).")
+
+
+class IncidentPage(BaseModel):
+    """A page of the tenant's incidents, oldest update first."""
+
+    tenant: str = Field(description="The tenant's registered name.")
+    tenant_id: str = Field(pattern=GUID_PATTERN)
+    api: Literal["defender", "graph"] = Field(description="Which API the incidents were read from.")
+    value: list[IncidentRow]
+    nextCursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")  # noqa: N815
+
+
+class SyncStatusList(BaseModel):
+    """The sync status of each tenant the caller may read."""
+
+    tenants: list[dict[str, Any]] = Field(
+        description=(
+            "Per tenant: tenant, tenant_id, api, enabled, last_success, last_outcome, watermark, "
+            "in_progress_window, counts, api_calls, last_error, last_error_at, consecutive_failures, poisoned."
+        )
+    )
+
+
+_TIMESTAMP = r"^\s*\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2})?(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})?\s*$"
+
+LIST_INCIDENTS = contract(
+    operation_id="list_incidents",
+    summary="The tenant's prefetched incidents, from storage, oldest update first",
+    description=(
+        "Reads only what the sync stored: no call to Defender XDR or Graph. Give `since` for the first page and "
+        "`cursor` (the previous page's `nextCursor`) for the next ones, never both; a cursor works only for the "
+        "tenant it was issued for. Each parameter at most once; unknown parameters are refused."
+    ),
+    role=ROLE_INCIDENTS,
+    ok=IncidentPage,
+    query=(
+        Param("tenant", TENANT_REF, "The customer tenant: its registered name or GUID.", required=True),
+        Param(
+            "since",
+            {"type": "string", "pattern": _TIMESTAMP},
+            "Only incidents updated at or after this ISO 8601 time (UTC unless an offset is given).",
+            example="2024-05-01T08:00:00Z",
+        ),
+        Param("status", {"type": "string", "enum": sorted(STATUSES)}, "Only this status (case-insensitive)."),
+        Param("severity", {"type": "string", "enum": sorted(SEVERITIES)}, "Only this severity (case-insensitive)."),
+        Param(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+            "Incidents per page.",
+        ),
+        Param(
+            "cursor",
+            {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,400}$"},
+            "The previous page's `nextCursor`.",
+        ),
+    ),
+    errors=(*GATE, *TENANT, BadRequest),
+)
+
+SYNC_STATUS = contract(
+    operation_id="sync_status",
+    summary="Incident sync status per tenant",
+    description="Without `tenant`: every tenant the caller may read incidents of.",
+    role=ROLE_INCIDENTS,
+    ok=SyncStatusList,
+    query=(Param("tenant", TENANT_REF, "Only this tenant: its registered name or GUID."),),
+    errors=(*GATE, *TENANT, BadRequest),
+)
 
 
 def incidents_routes(container: Callable[[], Container]) -> APIRouter:
@@ -83,11 +165,13 @@ def incidents_routes(container: Callable[[], Container]) -> APIRouter:
         async with summarised(request, "incidents.request", what=what):
             return await work(container())
 
-    @router.get("/api/incidents")
+    @router.get("/api/incidents", **LIST_INCIDENTS)
     async def list_incidents(request: Request) -> Any:
         async def work(c: Container) -> Any:
+            # Who is asking comes first: a caller without a valid token learns nothing, not even a 400.
+            caller = await access.authenticate(c, request, "incidents")
             q = _query(request)
-            tenant = await _tenant(c, request, q["tenant"])
+            tenant = await _tenant(c, request, caller, q["tenant"])
             after = None
             if q["cursor"] is not None:
                 try:
@@ -124,17 +208,17 @@ def incidents_routes(container: Callable[[], Container]) -> APIRouter:
 
         return await serve(request, "incidents", work)
 
-    @router.get("/api/sync/status")
+    @router.get("/api/sync/status", **SYNC_STATUS)
     async def sync_status(request: Request) -> Any:
         async def work(c: Container) -> Any:
+            caller = await access.authenticate(c, request, "incidents")
             unknown = sorted(set(request.query_params) - {"tenant"})
             if unknown:
                 raise BadRequest(f"unknown parameter {unknown[0][:40]!r}; known: tenant")
             ref = _one(request, "tenant")
             if ref is not None:
-                tenants = [await _tenant(c, request, ref)]
+                tenants = [await _tenant(c, request, caller, ref)]
             else:
-                caller = await access.authenticate(c, request, "incidents")
                 policy = c.settings.caller_policy
                 # Enabled tenants only, from the registry snapshot (not a table scan per call).
                 enabled = await run_in_threadpool(c.tenants.enabled)

@@ -11,17 +11,34 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from broker.errors import BrokerError, ScopeNotAllowed
+from broker.errors import (
+    AuditUnavailable,
+    BadRequest,
+    BrokerError,
+    ConsentRequired,
+    CredentialRejected,
+    CredentialUnavailable,
+    InvalidJson,
+    PayloadTooLarge,
+    RoleMissing,
+    ScopeNotAllowed,
+    TenantNotFound,
+    TokenMismatch,
+    UnsupportedMediaType,
+    UpstreamThrottled,
+)
 from broker.http import access
 from broker.http.bodies import json_body
+from broker.http.contract import GATE, GUID_PATTERN, TENANT, TENANT_REF, contract
 from broker.http.summary import request_id, summarised
+from broker.policy import ROLE_TOKEN
 from broker.tenants import Tenant
 from broker.tokens import MAX_MIN_TTL, AccessToken, TokenIssuer
 from broker.wiring import Container
@@ -35,10 +52,37 @@ class TokenRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tenant: Annotated[StrictStr, Field(min_length=1, max_length=64)]
-    scope: Annotated[StrictStr, Field(min_length=1, max_length=256)]
-    min_ttl_seconds: Annotated[StrictInt, Field(ge=0, le=MAX_MIN_TTL)] = 0
-    claims: Annotated[StrictStr, Field(min_length=2, max_length=MAX_CLAIMS_LENGTH)] | None = None
+    tenant: Annotated[
+        StrictStr,
+        Field(
+            min_length=1,
+            max_length=64,
+            description="The customer tenant: its registered name or its tenant GUID.",
+            json_schema_extra=TENANT_REF,
+        ),
+    ]
+    scope: Annotated[
+        StrictStr,
+        Field(min_length=1, max_length=256, description="One of the broker's ALLOWED_SCOPES (`<resource>/.default`)."),
+    ]
+    min_ttl_seconds: Annotated[
+        StrictInt,
+        Field(ge=0, le=MAX_MIN_TTL, description="Never hand out a token that expires within this many seconds."),
+    ] = 0
+    claims: (
+        Annotated[
+            StrictStr,
+            Field(
+                min_length=2,
+                max_length=MAX_CLAIMS_LENGTH,
+                description=(
+                    "A resource's claims challenge, decoded: a JSON object. The token is then fetched from Entra ID "
+                    "with these claims, never served from memory."
+                ),
+            ),
+        ]
+        | None
+    ) = None
 
     @field_validator("claims")
     @classmethod
@@ -94,11 +138,56 @@ def _mark_retrieved(future: asyncio.Future[AccessToken]) -> None:
         future.exception()
 
 
+class TokenResponse(BaseModel):
+    """The token, for the tenant and scope asked (``Cache-Control: no-store``)."""
+
+    access_token: str = Field(description="The app-only access token; send it as `Authorization: Bearer`.")
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(description="Seconds until it expires (more than the min_ttl_seconds asked).")
+    expires_on: int = Field(description="When it expires, in seconds since the Unix epoch.")
+    tenant_id: str = Field(description="The tenant GUID the token is for (its `tid`).", pattern=GUID_PATTERN)
+    scope: str = Field(description="The scope asked.")
+
+
+ISSUE_TOKEN = contract(
+    operation_id="issue_token",
+    summary="A short-lived app-only token for one customer tenant and one resource",
+    description=(
+        "Issued from memory when a token with enough life left is held, else from Entra ID (one request per "
+        "tenant and scope however many callers miss together). Every new token is checked: `tid` is the tenant "
+        "asked for and `roles` holds the permission the scope needs. With AUDIT_MODE=strict no token leaves "
+        "before its audit record is stored."
+    ),
+    role=ROLE_TOKEN,
+    ok=TokenResponse,
+    body=TokenRequest,
+    body_example={"tenant": "contoso", "scope": "https://api.security.microsoft.com/.default", "min_ttl_seconds": 600},
+    errors=(
+        *GATE,
+        *TENANT,
+        BadRequest,
+        InvalidJson,
+        ScopeNotAllowed,
+        UnsupportedMediaType,
+        PayloadTooLarge,
+        ConsentRequired,
+        TenantNotFound,
+        RoleMissing,
+        CredentialRejected,
+        TokenMismatch,
+        UpstreamThrottled,
+        CredentialUnavailable,
+        AuditUnavailable,
+    ),
+    ok_headers={"Cache-Control": {"description": "`no-store`: never cache a token.", "schema": {"type": "string"}}},
+)
+
+
 def token_routes(container: Callable[[], Container]) -> APIRouter:
     router = APIRouter()
     flights = AsyncSingleFlight()
 
-    @router.post("/api/token")
+    @router.post("/api/token", **ISSUE_TOKEN)
     async def issue_token(request: Request) -> Response:
         async with summarised(request, "token.issue", outcome="issued", tenant="-", scope="-", caller="-") as summary:
             c: Container | None = None

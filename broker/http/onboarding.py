@@ -17,13 +17,27 @@ import hashlib
 import json
 from collections.abc import Callable
 from html import escape
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from broker.errors import PROBLEM_CONTENT_TYPE, BrokerError, ConsentAnswerError, NotReady, UnknownTenant
+from broker.errors import (
+    BrokerError,
+    ConsentAnswerError,
+    ConsentStateExpired,
+    ConsentStateInvalid,
+    ConsentStateMissing,
+    ConsentStateUsed,
+    ConsentTenantMismatch,
+    NotConfigured,
+    NotReady,
+    UnknownTenant,
+    UpstreamUnavailable,
+)
+from broker.http.contract import GUID_PATTERN, Param, contract
 from broker.http.summary import request_id, summarised
 from broker.onboarding import ConsentOutcome
 from broker.wiring import Container
@@ -62,19 +76,67 @@ GENERIC_REFUSAL = (
     "Entra ID reported an error, so nothing was granted.",
     "Ask your partner for a new consent link and try again; quote the reference below if it happens again.",
 )
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The consent answer was taken: onboarded, consented (the check failed) or refused",
-        "content": {"text/html": {}, "application/json": {}},
-    },
-    400: {"description": "The state is missing, altered or expired, or another tenant answered"},
-    404: {"description": "The tenant the link was made for is no longer registered"},
-    409: {"description": "The link was already used"},
-}
-READY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Every dependency answered"},
-    503: {"description": "A dependency failed; the problem names which", "content": {PROBLEM_CONTENT_TYPE: {}}},
-}
+
+
+class ConsentAnswer(BaseModel):
+    """The consent answer was taken: the tenant is onboarded, consented (its check has not passed yet) or
+    refused consent. A browser gets a page saying so; a client asking for JSON gets this."""
+
+    outcome: Literal["onboarded", "consented", "refused"]
+    tenant: str
+    tenant_id: str = Field(pattern=GUID_PATTERN)
+    onboarding: str
+    error: str | None = Field(None, description="Entra ID's error when consent was refused.")
+    aadsts: str | None = None
+    correlation_id: str | None = None
+    doctor: dict[str, Any] | None = Field(None, description="The doctor's report after consent.")
+
+
+class Readiness(BaseModel):
+    """Every dependency answered: Key Vault (or the managed identity), storage, Entra ID's metadata."""
+
+    status: Literal["ready"]
+    checks: dict[str, dict[str, Any]] = Field(description="Each dependency by name: ok, duration_ms, problem?.")
+
+
+CONSENT_CALLBACK = contract(
+    operation_id="consent_callback",
+    summary="Where Entra ID sends the customer's administrator after admin consent",
+    description=(
+        "Anonymous: trust comes from the signed, single-use `state` alone. Entra ID adds `admin_consent=True` "
+        "and `tenant`, or `error` and `error_description`. A browser gets a page (no script; a content "
+        "security policy); a client that asks for JSON gets JSON. Any other parameter is ignored."
+    ),
+    role=None,
+    ok=ConsentAnswer,
+    html=True,
+    query=(
+        Param("state", {"type": "string", "minLength": 1, "maxLength": 2048}, "The state the consent link carried."),
+        Param("admin_consent", {"type": "string", "maxLength": 16}, "`True` when consent was granted."),
+        Param("tenant", {"type": "string", "maxLength": 64}, "The tenant that consented (its GUID)."),
+        Param("error", {"type": "string", "maxLength": 256}, "Entra ID's error, when consent was not granted."),
+        Param("error_description", {"type": "string", "maxLength": 4096}, "Entra ID's description of it."),
+    ),
+    errors=(
+        ConsentAnswerError,
+        ConsentStateMissing,
+        ConsentStateInvalid,
+        ConsentStateExpired,
+        ConsentStateUsed,
+        ConsentTenantMismatch,
+        UnknownTenant,
+        UpstreamUnavailable,
+        NotConfigured,
+    ),
+)
+READY = contract(
+    operation_id="readiness",
+    summary="Readiness: the broker's dependencies answer",
+    description="Anonymous (probes call it). Checked at most every few seconds; a 503 `not_ready` names what failed.",
+    role=None,
+    ok=Readiness,
+    errors=(NotReady, NotConfigured),
+)
 
 
 def wants_json(request: Request) -> bool:
@@ -164,7 +226,7 @@ def error_page(exc: BrokerError, rid: str) -> Response:
 def onboarding_routes(container: Callable[[], Container]) -> APIRouter:
     router = APIRouter()
 
-    @router.get(CALLBACK_PATH, responses=RESPONSES)
+    @router.get(CALLBACK_PATH, **CONSENT_CALLBACK)
     async def consent_callback(request: Request) -> Response:
         rid = request_id(request)
         params = dict(request.query_params)
@@ -185,7 +247,7 @@ def onboarding_routes(container: Callable[[], Container]) -> APIRouter:
             )
         return outcome_page(result, rid)
 
-    @router.get("/api/health/ready", responses=READY_RESPONSES)
+    @router.get("/api/health/ready", **READY)
     async def ready(request: Request) -> Response:
         async with summarised(request, "health.ready") as fields:
             c = container()
