@@ -205,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
             azurite = _azurite()
             env["AzureWebJobsStorage"] = azurite.connection_string
         broker = subprocess.Popen(  # noqa: S603 — this interpreter, fixed arguments
-            [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(port)], cwd=ROOT, env=env
+            [sys.executable, "-m", "devrun.child", "broker", "serve", "--host", HOST, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
         )
         wait_for_port(port, 30, broker)
         host = subprocess.Popen(  # this interpreter, fixed arguments
-            [sys.executable, "-m", "devrun.functions_host"], cwd=ROOT, env=env
+            [sys.executable, "-m", "devrun.child", "devrun.functions_host"], cwd=ROOT, env=env
         )
         if sandboxed:
             assert box is not None
