@@ -314,6 +314,10 @@ class AuditUnavailable(ServiceError):
     code = "audit_unavailable"
     title = "The audit log cannot be written; no token is issued without it"
 
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = 5, **kwargs: Any) -> None:
+        # An outage of the audit store is transient like any other: the caller is told when to try again.
+        super().__init__(detail, retry_after=retry_after, **kwargs)
+
 
 class KillSwitchesStale(ServiceError):
     code = "kill_switches_stale"

@@ -22,9 +22,11 @@ silently jumps over one row we never saw. So the sync pages by *key* instead, in
 4. The window is done when a page comes back short (or, where the service sends next links, without
    one). Only then does the watermark move, to HIGH.
 
-Checkpoint: after each page is stored, the state entity records the window still owed
-(``PendingLow``, ``PendingCursor``, ``PendingHigh``, ``PendingSkip``). The checkpoint therefore never
-claims more than is stored: a run killed after page k resumes at page k's cursor, finishes that window,
+Checkpoint: after every second stored page (``CHECKPOINT_PAGES``), and whenever a run ends (deferred,
+stopped, done), the state entity records the window still owed (``PendingLow``, ``PendingCursor``,
+``PendingHigh``, ``PendingSkip``) as of the last stored page. The checkpoint therefore never claims more
+than is stored: a run killed after page k resumes at the cursor of page k or k - 1 (a page re-read is
+de-duplicated), finishes that window,
 then runs a fresh window from HIGH - overlap in the same run (so changes made meanwhile come too). A run
 with nothing new costs one call per tenant: the overlap window, which fits on one page.
 
@@ -35,7 +37,7 @@ busy reports. ``stopping`` (set on SIGTERM) ends every run at the checkpoint it 
 outcome ``stopped``, and releases its lease, so the next run starts at once.
 
 Storage per page of a backfill (a tenant with nothing stored yet): two entity-group transactions of 50
-incidents and one checkpoint write. The budget is reserved several calls at a time (see
+incidents and half a checkpoint write. The budget is reserved several calls at a time (see
 :class:`~broker.incidents.upstream.CallCounter`), and no range query looks for copies already stored:
 the rows a page re-reads at its cursor are left out from memory of the page before.
 
@@ -83,6 +85,7 @@ log = logging.getLogger(__name__)
 MAX_DEQUEUE_COUNT = 5  # host.json extensions.queues.maxDequeueCount (a test keeps them equal)
 MAX_QUEUE_DELAY = 7 * 86_400
 MAX_TARGET_HOPS = 3
+CHECKPOINT_PAGES = 2  # the checkpoint is written after every second page (and whenever a run ends)
 _STATUS_FIELDS = (
     "LastOutcome",
     "LastError",
@@ -169,6 +172,7 @@ class _Run:
         self.tied: set[str] = set()
         self.tied_at: int | None = None
         self.renewed_at = time.monotonic()
+        self.unsaved = 0  # pages stored since the last checkpoint write
 
     def renew(self) -> None:
         """Renew the lease once a third of it has passed since it was last taken or renewed, not on
@@ -368,7 +372,10 @@ class IncidentSync:
             run.state.data.update(
                 PendingLow=low, PendingCursor=cursor, PendingHigh=high, PendingSkip=skip if link is None else 0
             )
-            self._checkpoint(run)
+            run.unsaved += 1
+            if run.unsaved >= CHECKPOINT_PAGES or self.stopping.is_set():
+                self._checkpoint(run)
+                run.unsaved = 0
             if self.stopping.is_set():
                 raise _Stopped()
         if high is not None:
