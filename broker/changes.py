@@ -51,11 +51,10 @@ class RegistryChanges:
         by: Caller,
         request_id: str = "-",
     ) -> Tenant:
-        url = self._tenants.regional_url(region, defender_url)
-        proposed = Tenant(name=name.lower(), tenant_id=canonical_guid(tenant_id), api=api, defender_url=url)
+        proposed = self._proposed(name, tenant_id, api, region, defender_url)
 
         def add() -> Tenant:
-            return self._tenants.add(proposed.name, proposed.tenant_id, api=api, defender_url=url)
+            return self._tenants.add(proposed.name, proposed.tenant_id, api=api, defender_url=proposed.defender_url)
 
         return self._apply("tenant_add", proposed, by, request_id, add)
 
@@ -71,13 +70,21 @@ class RegistryChanges:
         request_id: str = "-",
     ) -> tuple[Tenant, bool]:
         """Add a tenant or change its incident API and Defender host (``TenantRegistry.configure``)."""
-        url = self._tenants.regional_url(region, defender_url)
-        proposed = Tenant(name=name.lower(), tenant_id=canonical_guid(tenant_id), api=api, defender_url=url)
+        proposed = self._proposed(name, tenant_id, api, region, defender_url)
 
         def configure() -> tuple[Tenant, bool]:
-            return self._tenants.configure(proposed.name, proposed.tenant_id, api=api, defender_url=url)
+            return self._tenants.configure(
+                proposed.name, proposed.tenant_id, api=api, defender_url=proposed.defender_url
+            )
 
         return self._apply("tenant_configure", proposed, by, request_id, configure)
+
+    def _proposed(
+        self, name: str, tenant_id: str, api: IncidentApi, region: str | None, defender_url: str | None
+    ) -> Tenant:
+        """The tenant an add or configure would write: its record is audited before the write."""
+        url = self._tenants.regional_url(region, defender_url)
+        return Tenant(name=name.lower(), tenant_id=canonical_guid(tenant_id), api=api, defender_url=url)
 
     def set_tenant_enabled(self, reference: str, enabled: bool, *, by: Caller, request_id: str = "-") -> Tenant:
         tenant = self._tenants.resolve(reference)
